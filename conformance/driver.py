@@ -1,0 +1,100 @@
+"""The Driver protocol: the one file a LoRA implementation writes to be checked by this suite.
+
+A driver wraps an implementation behind a small *stateful* interface (PEFT-like: an active set
+that the suite changes), because that is the common denominator of LoRA libraries; functional
+libraries (jaxlora) keep the state in the driver. All arrays cross the boundary as NumPy in the
+spec's orientation (SW-NOTATION-1): kernels `[in, out]`, `A [in, r]`, `B [r, out]`.
+
+Adapters are given as `jaxlora.reference.RefAdapter` (config + factors), the same value the
+oracle consumes, so the suite compares like with like.
+
+Example (the reference driver):
+    >>> from conformance.drivers.reference import ReferenceDriver
+    >>> d = ReferenceDriver()
+    >>> "mixed" in d.capabilities
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from jaxlora.reference import RefAdapter
+
+__all__ = ["CAPABILITIES", "Driver", "Layers"]
+
+#: `(path, kernel [in, out], bias [out])` per layer, in order (SW-MODEL-1).
+Layers = list[tuple[str, np.ndarray, np.ndarray]]
+
+#: Optional capabilities a driver may declare; clauses needing one it lacks are "not supported".
+CAPABILITIES = frozenset(
+    {
+        "multi_active",  # set_active with a list of names (SW-ACTIVE-1, SW-FORWARD-1)
+        "mixed",  # forward_mixed (SW-MIXED-*)
+        "merge",  # merge / unmerge (SW-MERGE-*)
+        "safe_merge",  # merge(safe=True) (SW-MERGE-4)
+        "combine_cat",  # combine(method="cat") (SW-COMBINE-1, SW-COMBINE-4)
+        "combine_linear",
+        "combine_svd",
+        "rslora",  # use_rslora (SW-SCALE-2)
+        "patterns",  # rank_pattern / alpha_pattern (SW-SCALE-3)
+        "dtype:float64",
+        "dtype:float32",
+        "dtype:bfloat16",
+        "dtype:float16",
+    }
+)
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """What the suite calls. Any exception signals an error (the suite checks that errors are
+    raised where the spec requires them, and that the driver's observable state is unchanged
+    afterwards)."""
+
+    #: short name for reports
+    name: str
+    #: subset of CAPABILITIES
+    capabilities: frozenset[str]
+
+    def build(self, layers: Layers, dtype: str) -> None:
+        """(Re)create the base model from NumPy weights in `dtype` (e.g. "float32"); drop all
+        adapters; no active adapter."""
+
+    def add_adapter(self, name: str, adapter: RefAdapter) -> None:
+        """Add an adapter (not activated, SW-BANK-1); adapter weights are cast to the model
+        dtype. Must raise if `name` exists."""
+
+    def delete_adapter(self, name: str) -> None:
+        """Delete an adapter (SW-BANK-2). Must raise if unknown."""
+
+    def set_active(self, active: str | list[str] | None) -> None:
+        """Set the active set: a name, an ordered list, or None (base). Must raise on unknown
+        names and leave the previous active set in place."""
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """The model output for `x [batch, in]` under the current state."""
+
+    def forward_mixed(self, x: np.ndarray, rows: list[str | None]) -> np.ndarray:
+        """Row i under adapter rows[i] (None: no adapter). Needs "mixed"."""
+
+    def merge(self, safe: bool = False) -> None:
+        """Merge the active adapters into the base weights. Needs "merge"."""
+
+    def unmerge(self) -> None:
+        """Undo `merge`. Needs "merge"."""
+
+    def combine(
+        self,
+        new_name: str,
+        names: list[str],
+        weights: list[float],
+        method: str,
+        svd_rank: int | None = None,
+    ) -> None:
+        """Add `new_name`, a weighted combination (SW-COMBINE-*). Needs "combine_<method>"."""
+
+    def base_kernels(self) -> dict[str, np.ndarray]:
+        """The current base kernels (`[in, out]`, as NumPy), to check merges and their undo."""

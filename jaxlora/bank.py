@@ -1,0 +1,344 @@
+"""`AdapterBank` and the pure functions on it: `select`, `conform`, `stack`.
+
+A bank is an immutable mapping `name -> adapter` (adapter = `path -> LoraWeights`) and a pytree.
+Every operation returns a new bank; there is no "active adapter" stored anywhere: the active set
+is whatever the caller passes to `select` (spec SW-BANK-3, SW-ACTIVE-1).
+
+Example:
+    >>> import jax, jaxlora
+    >>> shapes = {"l0": (8, 8), "l1": (8, 4)}
+    >>> cfg = lambda r: jaxlora.LoraConfig(r=r, target_modules=["l0", "l1"])
+    >>> bank = jaxlora.AdapterBank()
+    >>> bank = bank.add("a", jaxlora.init_adapter(jax.random.key(0), cfg(2), shapes))
+    >>> bank = bank.add("b", jaxlora.init_adapter(jax.random.key(1), cfg(4), shapes))
+    >>> conformed = jaxlora.conform(bank)
+    >>> [w.rank for w in jaxlora.select(conformed, "a")[0].values()]
+    [4, 4]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    ConfigError,
+    ShapeMismatchError,
+    format_names,
+)
+from .weights import Adapter, LoraWeights
+
+__all__ = ["NO_ADAPTER", "Active", "AdapterBank", "StackedBank", "conform", "select", "stack"]
+
+#: The per-row id of a mixed-batch row that uses no adapter (spec SW-MIXED-1).
+NO_ADAPTER = -1
+
+#: What `select` returns: the active adapters in order (empty = base model).
+Active = tuple[dict[str, LoraWeights], ...]
+
+
+def _check_adapter(name: str, adapter: Adapter) -> dict[str, LoraWeights]:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"adapter names must be non-empty strings, got {name!r}.")
+    if not isinstance(adapter, Mapping):
+        raise ConfigError(
+            f"adapter {name!r}: expected a mapping `layer path -> LoraWeights`, got "
+            f"{type(adapter).__name__}. Build one with jaxlora.make_adapter or init_adapter."
+        )
+    checked = {}
+    for path, w in adapter.items():
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"adapter {name!r}: layer paths must be non-empty strings: {path!r}")
+        if not isinstance(w, LoraWeights):
+            raise ConfigError(
+                f"adapter {name!r}, layer {path!r}: expected LoraWeights, got {type(w).__name__}."
+            )
+        a_shape, b_shape = tuple(np.shape(w.a)), tuple(np.shape(w.b))
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != b_shape[0]:
+            raise ShapeMismatchError(
+                f"adapter {name!r}, layer {path!r}: expected a [in, r] and b [r, out], got "
+                f"a{a_shape} and b{b_shape}."
+            )
+        if np.ndim(w.scale) != 0:
+            raise ShapeMismatchError(
+                f"adapter {name!r}, layer {path!r}: scale must be 0-d, got shape "
+                f"{np.shape(w.scale)}."
+            )
+        checked[path] = w
+    return checked
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class AdapterBank(Mapping[str, dict[str, LoraWeights]]):
+    """An immutable mapping `name -> adapter`; a pytree whose leaves are the adapter arrays.
+
+    Arguments:
+        adapters: optional initial `name -> adapter` mapping (insertion order is kept).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = LoraWeights(jnp.ones((2, 1)), jnp.ones((1, 2)), jnp.asarray(1.0))
+        >>> bank = AdapterBank().add("x", {"l0": w})
+        >>> bank.names, "x" in bank, len(bank.remove("x"))
+        (('x',), True, 0)
+    """
+
+    __slots__ = ("_adapters",)
+
+    def __init__(self, adapters: Mapping[str, Adapter] | None = None):
+        checked = {}
+        for name, adapter in (adapters or {}).items():
+            checked[name] = _check_adapter(name, adapter)
+        self._adapters: dict[str, dict[str, LoraWeights]] = checked
+
+    @classmethod
+    def _trusted(cls, adapters: dict[str, dict[str, LoraWeights]]) -> AdapterBank:
+        bank = object.__new__(cls)
+        bank._adapters = adapters
+        return bank
+
+    # -- Mapping -----------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> dict[str, LoraWeights]:
+        try:
+            return dict(self._adapters[name])
+        except KeyError:
+            raise AdapterNotFoundError(
+                f"no adapter named {name!r}. The bank holds: {format_names(self._adapters)}."
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._adapters)
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def __repr__(self) -> str:
+        parts = []
+        for name, adapter in self._adapters.items():
+            ranks = sorted({w.rank for w in adapter.values()})
+            parts.append(f"{name!r}: {len(adapter)} layers, rank {ranks}")
+        return "AdapterBank({" + ", ".join(parts) + "})"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The adapter names, in insertion order."""
+        return tuple(self._adapters)
+
+    # -- pure updates ------------------------------------------------------------------------
+    def add(self, name: str, adapter: Adapter) -> AdapterBank:
+        """A new bank with `adapter` under `name` (spec SW-BANK-1); `name` must be new."""
+        if name in self._adapters:
+            raise AdapterExistsError(
+                f"an adapter named {name!r} already exists. Use bank.replace({name!r}, adapter) "
+                f"to overwrite it, or bank.remove({name!r}) first. Names: "
+                f"{format_names(self._adapters)}."
+            )
+        return AdapterBank._trusted({**self._adapters, name: _check_adapter(name, adapter)})
+
+    def replace(self, name: str, adapter: Adapter) -> AdapterBank:
+        """A new bank where the existing adapter `name` is replaced by `adapter`."""
+        self[name]  # raises AdapterNotFoundError with the list of names
+        return AdapterBank._trusted({**self._adapters, name: _check_adapter(name, adapter)})
+
+    def remove(self, name: str) -> AdapterBank:
+        """A new bank without `name` (spec SW-BANK-2); unknown names raise."""
+        self[name]
+        return AdapterBank._trusted({k: v for k, v in self._adapters.items() if k != name})
+
+    # -- pytree ------------------------------------------------------------------------------
+    def tree_flatten_with_keys(self):
+        children = [(jax.tree_util.DictKey(n), a) for n, a in self._adapters.items()]
+        return children, tuple(self._adapters)
+
+    @classmethod
+    def tree_unflatten(cls, names, children):
+        return cls._trusted(dict(zip(names, children, strict=True)))
+
+
+def select(bank: AdapterBank, active: str | Sequence[str] | None) -> Active:
+    """The active adapters for a forward: a pure lookup, no state (spec SW-ACTIVE-1..3).
+
+    Arguments:
+        bank: the adapters.
+        active: a name, an ordered sequence of names (their deltas are summed in that order),
+            or `None` / `()` for the base model.
+
+    Returns:
+        A tuple of adapters (`path -> LoraWeights`), to pass to a jitted forward.
+
+    Example:
+        >>> select(AdapterBank(), None)
+        ()
+    """
+    if active is None:
+        return ()
+    if isinstance(active, str):
+        return (bank[active],)
+    if not isinstance(active, Sequence):
+        raise ConfigError(
+            f"`active` must be a name, a sequence of names or None, got {type(active).__name__}."
+        )
+    names = list(active)
+    for name in names:
+        if not isinstance(name, str):
+            raise ConfigError(f"`active` must contain adapter names (str), got {name!r}.")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(
+            f"`active` lists {format_names(duplicates)} more than once; each adapter may be "
+            "active once. To weight an adapter, build one with jaxlora.combine."
+        )
+    return tuple(bank[name] for name in names)
+
+
+def _layer_shapes(bank: AdapterBank) -> dict[str, tuple[int, int, str]]:
+    """`path -> (in, out, first adapter name)`, checking that all adapters agree."""
+    shapes: dict[str, tuple[int, int, str]] = {}
+    for name, adapter in bank._adapters.items():
+        for path, w in adapter.items():
+            io = (w.in_features, w.out_features)
+            if path in shapes and shapes[path][:2] != io:
+                other = shapes[path][2]
+                raise ShapeMismatchError(
+                    f"layer {path!r}: adapter {other!r} maps {shapes[path][:2]} (in, out) but "
+                    f"adapter {name!r} maps {io}; adapters of one bank must target the same "
+                    "model."
+                )
+            shapes.setdefault(path, (*io, name))
+    return shapes
+
+
+def conform(bank: AdapterBank, max_rank: int | None = None) -> AdapterBank:
+    """Give every adapter the union of targets and one rank, by zero padding (SW-CONFORM-1..3).
+
+    Zero columns of `a`, zero rows of `b` and zero adapters for missing targets change no
+    output, and make every `select(bank, name)` result share one treedef, shape and dtype set,
+    so one compiled forward serves every adapter.
+
+    Arguments:
+        bank: the adapters.
+        max_rank: the common rank; default the largest rank in the bank. A rank above it raises.
+
+    Example:
+        >>> conform(AdapterBank()).names
+        ()
+    """
+    shapes = _layer_shapes(bank)
+    largest = max((w.rank for ad in bank._adapters.values() for w in ad.values()), default=0)
+    rank = largest if max_rank is None else int(max_rank)
+    if rank < largest:
+        culprit = next(
+            (n, p, w.rank)
+            for n, ad in bank._adapters.items()
+            for p, w in ad.items()
+            if w.rank > rank
+        )
+        raise ConfigError(
+            f"max_rank={max_rank} is below the rank {culprit[2]} of adapter {culprit[0]!r} at "
+            f"layer {culprit[1]!r}; use max_rank >= {largest} (or None)."
+        )
+    dtypes = {
+        path: jnp.result_type(
+            *(x for ad in bank._adapters.values() if path in ad for x in (ad[path].a, ad[path].b))
+        )
+        for path in shapes
+    }
+    out = {}
+    for name, adapter in bank._adapters.items():
+        padded = {}
+        for path, (d_in, d_out, _) in shapes.items():
+            dtype = dtypes[path]
+            w = adapter.get(path)
+            if w is None:
+                padded[path] = LoraWeights(
+                    jnp.zeros((d_in, rank), dtype),
+                    jnp.zeros((rank, d_out), dtype),
+                    jnp.zeros((), jnp.float32),
+                )
+                continue
+            extra = rank - w.rank
+            padded[path] = LoraWeights(
+                jnp.pad(jnp.asarray(w.a, dtype), ((0, 0), (0, extra))),
+                jnp.pad(jnp.asarray(w.b, dtype), ((0, extra), (0, 0))),
+                jnp.asarray(w.scale, jnp.float32),
+            )
+        out[name] = padded
+    return AdapterBank._trusted(out)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StackedBank:
+    """Slot-major arrays for mixed batches: per path `a [S, in, R]`, `b [S, R, out]`, `scale [S]`.
+
+    `names[i]` is the adapter in slot `i`; a row with id `NO_ADAPTER` (-1) uses no adapter and
+    costs no slot.
+
+    Example:
+        >>> StackedBank({}, ("a", "b")).ids(["b", None, "a"]).tolist()
+        [1, -1, 0]
+    """
+
+    weights: dict[str, LoraWeights]
+    names: tuple[str, ...] = dataclasses.field(metadata={"static": True})
+
+    def slot(self, name: str) -> int:
+        """The slot index of `name`."""
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise AdapterNotFoundError(
+                f"no adapter named {name!r} in the stacked bank. Slots: {format_names(self.names)}."
+            ) from None
+
+    def ids(self, rows: Sequence[str | None]) -> np.ndarray:
+        """Per-row slot ids (int32) for a mixed batch; `None` means no adapter."""
+        return np.asarray([NO_ADAPTER if r is None else self.slot(r) for r in rows], dtype=np.int32)
+
+
+def stack(bank: AdapterBank, names: Sequence[str] | None = None) -> StackedBank:
+    """Stack a conformed bank's adapters along a leading slot axis, for mixed batches.
+
+    Arguments:
+        bank: a bank whose adapters share targets, ranks and dtypes (see `conform`).
+        names: the adapters to stack, in slot order; default all, in bank order.
+
+    Example:
+        >>> stack(AdapterBank()).names
+        ()
+    """
+    names = bank.names if names is None else tuple(names)
+    adapters = [bank[n] for n in names]
+    if not adapters:
+        return StackedBank({}, ())
+    ref_name, ref = names[0], adapters[0]
+    for name, adapter in zip(names[1:], adapters[1:], strict=True):
+        if set(adapter) != set(ref):
+            diff = sorted(set(adapter) ^ set(ref))
+            raise ShapeMismatchError(
+                f"adapters {ref_name!r} and {name!r} target different layers (differ at "
+                f"{format_names(diff)}); call jaxlora.conform(bank) before stack."
+            )
+        for path, w in adapter.items():
+            r = ref[path]
+            if (w.a.shape, w.b.shape, w.a.dtype) != (r.a.shape, r.b.shape, r.a.dtype):
+                raise ShapeMismatchError(
+                    f"layer {path!r}: adapter {ref_name!r} has a{tuple(r.a.shape)} "
+                    f"b{tuple(r.b.shape)} {r.a.dtype} but {name!r} has a{tuple(w.a.shape)} "
+                    f"b{tuple(w.b.shape)} {w.a.dtype}; call jaxlora.conform(bank) before stack."
+                )
+    weights = {
+        path: LoraWeights(
+            jnp.stack([ad[path].a for ad in adapters]),
+            jnp.stack([ad[path].b for ad in adapters]),
+            jnp.stack([jnp.asarray(ad[path].scale, jnp.float32) for ad in adapters]),
+        )
+        for path in ref
+    }
+    return StackedBank(weights, names)

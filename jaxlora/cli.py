@@ -1,0 +1,37 @@
+"""The `jaxlora` command. Each subcommand lives in its own module under `jaxlora.commands`
+and is imported only when used.
+
+Example:
+    $ jaxlora demo
+    $ jaxlora --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+#: subcommand -> (module under jaxlora.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("demo", "run the end-to-end demo (switching with compile count and checks)"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `jaxlora` console script; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="jaxlora", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(f"jaxlora.commands.{module}")
+        mod.add_arguments(cmd)
+        cmd.set_defaults(_run=mod.run)
+    args = parser.parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

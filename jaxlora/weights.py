@@ -1,0 +1,270 @@
+"""`LoraWeights` (one targeted layer), `LoraConfig` (PEFT field names) and scaling rules.
+
+Orientation is JAX/Flax's (`y = x @ kernel`): `a` is `[in, r]`, `b` is `[r, out]`, and the
+delta of one layer is `scale * (x @ a) @ b` (spec SW-NOTATION-1, SW-FORWARD-1). PEFT stores the
+transposes; `jaxlora.io` converts.
+
+Example:
+    >>> import jax, jaxlora
+    >>> cfg = jaxlora.LoraConfig(r=4, lora_alpha=8, target_modules=["q"])
+    >>> adapter = jaxlora.init_adapter(jax.random.key(0), cfg, {"blocks.0.q": (16, 16)})
+    >>> adapter["blocks.0.q"].a.shape, float(adapter["blocks.0.q"].scale)
+    ((16, 4), 2.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import ConfigError, ShapeMismatchError, format_names
+
+__all__ = [
+    "Adapter",
+    "LoraConfig",
+    "LoraWeights",
+    "init_adapter",
+    "make_adapter",
+    "match_targets",
+    "resolve_pattern",
+    "scaling",
+]
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraWeights:
+    """The LoRA factors of one targeted linear layer.
+
+    Arguments:
+        a: `[in, r]` (or `[slots, in, r]` once stacked).
+        b: `[r, out]` (or `[slots, r, out]`).
+        scale: a 0-d array (or `[slots]`): a pytree *leaf*, so adapters with different alpha
+            share one compilation.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = LoraWeights(jnp.ones((3, 2)), jnp.zeros((2, 5)), jnp.asarray(0.5))
+        >>> w.rank, w.in_features, w.out_features
+        (2, 3, 5)
+    """
+
+    a: Array
+    b: Array
+    scale: Array
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[-1])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.a.shape[-2])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.b.shape[-1])
+
+    def delta(self) -> Array:
+        """The dense update `scale * a @ b` (`[in, out]`), as merged into a kernel."""
+        return self.scale.astype(self.a.dtype) * (self.a @ self.b)
+
+
+#: An adapter: an immutable-by-convention mapping `layer path -> LoraWeights`.
+Adapter = Mapping[str, LoraWeights]
+
+
+def scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The LoRA scale (spec SW-SCALE-1, SW-SCALE-2): `alpha / r`, or `alpha / sqrt(r)`.
+
+    Example:
+        >>> scaling(16, 4), scaling(16, 4, use_rslora=True)
+        (4.0, 8.0)
+    """
+    if r <= 0:
+        raise ConfigError(f"`r` must be a positive integer, got r={r!r}.")
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def resolve_pattern(pattern: Mapping[str, Any], path: str, default: Any) -> Any:
+    """PEFT's rank/alpha pattern lookup (spec SW-SCALE-3).
+
+    The first key `k`, in the mapping's order, for which `re.match(rf"(.*\\.)?({k})$", path)`
+    matches gives the value; otherwise `default`.
+
+    Example:
+        >>> resolve_pattern({"q": 2, "blocks.1.v": 8}, "blocks.1.v", 4)
+        8
+    """
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def match_targets(
+    target_modules: str | Sequence[str] | None,
+    paths: Iterable[str],
+    exclude_modules: str | Sequence[str] | None = None,
+) -> list[str]:
+    """The layer paths an adapter targets, as PEFT selects them (spec SW-TARGET-1).
+
+    A string is a regex that must match the whole path (`re.fullmatch`); a list of names matches
+    a path equal to a name or ending in `"." + name`. `"all-linear"` (PEFT's shorthand) targets
+    every path. `exclude_modules` removes paths with the same rules.
+
+    Example:
+        >>> match_targets(["q", "v"], ["blocks.0.q", "blocks.0.k", "blocks.0.v"])
+        ['blocks.0.q', 'blocks.0.v']
+    """
+    paths = list(paths)
+
+    def matches(spec: str | Sequence[str] | None, path: str) -> bool:
+        if spec is None:
+            return False
+        if isinstance(spec, str):
+            return spec == "all-linear" or re.fullmatch(spec, path) is not None
+        return any(path == t or path.endswith("." + t) for t in spec)
+
+    if target_modules is None:
+        raise ConfigError(
+            "`target_modules` is None: say which layers to adapt, e.g. "
+            "LoraConfig(target_modules=['q_proj', 'v_proj']) or a regex string."
+        )
+    return [p for p in paths if matches(target_modules, p) and not matches(exclude_modules, p)]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyper-parameters under PEFT's field names.
+
+    Only fields that change inference are honoured; `lora_dropout` is accepted for PEFT
+    compatibility and is the identity at inference (spec SW-FORWARD-1).
+
+    Example:
+        >>> cfg = LoraConfig(r=8, lora_alpha=16, rank_pattern={"v": 4})
+        >>> cfg.rank_for("blocks.0.v"), cfg.scale_for("blocks.0.v")
+        (4, 4.0)
+    """
+
+    r: int = 8
+    lora_alpha: float = 8.0
+    target_modules: str | tuple[str, ...] | None = None
+    exclude_modules: str | tuple[str, ...] | None = None
+    use_rslora: bool = False
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    lora_dropout: float = 0.0
+    init_lora_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int | np.integer) or self.r <= 0:
+            raise ConfigError(f"LoraConfig: `r` must be a positive integer, got r={self.r!r}.")
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int | np.integer) or value <= 0:
+                raise ConfigError(
+                    f"LoraConfig: rank_pattern[{key!r}] must be a positive integer, got {value!r}."
+                )
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.exclude_modules, list):
+            object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+
+    def rank_for(self, path: str) -> int:
+        """The rank of the layer at `path` (rank_pattern, else `r`)."""
+        return int(resolve_pattern(self.rank_pattern, path, self.r))
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha of the layer at `path` (alpha_pattern, else `lora_alpha`)."""
+        return float(resolve_pattern(self.alpha_pattern, path, self.lora_alpha))
+
+    def scale_for(self, path: str) -> float:
+        """The scale of the layer at `path` (spec SW-SCALE-1..3)."""
+        return scaling(self.alpha_for(path), self.rank_for(path), self.use_rslora)
+
+
+def make_adapter(
+    config: LoraConfig,
+    factors: Mapping[str, tuple[Any, Any]],
+    *,
+    dtype: Any = None,
+) -> dict[str, LoraWeights]:
+    """Build an adapter from raw `(a [in, r], b [r, out])` pairs and a config.
+
+    The scale of each path comes from `config` (patterns included); each `a`'s rank must equal
+    the config's rank for that path.
+
+    Example:
+        >>> import numpy as np
+        >>> cfg = LoraConfig(r=2, lora_alpha=4)
+        >>> ad = make_adapter(cfg, {"l0": (np.ones((3, 2)), np.ones((2, 3)))})
+        >>> float(ad["l0"].scale)
+        2.0
+    """
+    adapter = {}
+    for path, (a, b) in factors.items():
+        a = jnp.asarray(a, dtype=dtype)
+        b = jnp.asarray(b, dtype=dtype)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+            raise ShapeMismatchError(
+                f"layer {path!r}: expected a [in, r] and b [r, out], got a{tuple(a.shape)} and "
+                f"b{tuple(b.shape)}. PEFT's lora_A.weight is [r, in]: transpose it (or use "
+                "jaxlora.io.load_peft)."
+            )
+        want = config.rank_for(path)
+        if a.shape[1] != want:
+            raise ShapeMismatchError(
+                f"layer {path!r}: the config gives rank {want} (r={config.r}, rank_pattern="
+                f"{dict(config.rank_pattern)}) but a has shape {tuple(a.shape)} (rank "
+                f"{a.shape[1]}). Fix the config's r/rank_pattern or the arrays."
+            )
+        adapter[path] = LoraWeights(a, b, jnp.asarray(config.scale_for(path), jnp.float32))
+    return adapter
+
+
+def init_adapter(
+    key: Array,
+    config: LoraConfig,
+    layer_shapes: Mapping[str, tuple[int, int]],
+    *,
+    dtype: Any = jnp.float32,
+) -> dict[str, LoraWeights]:
+    """A fresh adapter for the layers of `layer_shapes` (`path -> (in, out)`) that `config` targets.
+
+    `a` is Kaiming-uniform like PEFT's; `b` is zero when `config.init_lora_weights` is true (a
+    fresh adapter is then a no-op) and small random otherwise.
+
+    Example:
+        >>> import jax
+        >>> cfg = LoraConfig(r=2, target_modules="l[01]")
+        >>> sorted(init_adapter(jax.random.key(0), cfg, {"l0": (4, 4), "l2": (4, 4)}))
+        ['l0']
+    """
+    targets = match_targets(config.target_modules, layer_shapes, config.exclude_modules)
+    if not targets:
+        raise ConfigError(
+            f"target_modules={config.target_modules!r} matches none of the layers: "
+            f"{format_names(layer_shapes)}."
+        )
+    factors = {}
+    for i, path in enumerate(targets):
+        d_in, d_out = layer_shapes[path]
+        r = config.rank_for(path)
+        ka, kb = jax.random.split(jax.random.fold_in(key, i))
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(ka, (d_in, r), dtype, -bound, bound)
+        if config.init_lora_weights:
+            b = jnp.zeros((r, d_out), dtype)
+        else:
+            b = jax.random.normal(kb, (r, d_out), dtype) / math.sqrt(r)
+        factors[path] = (a, b)
+    return make_adapter(config, factors, dtype=dtype)
