@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxlora.reference import RefAdapter
 
-__all__ = ["CAPABILITIES", "Driver", "Layers"]
+__all__ = ["CAPABILITIES", "OPTIONAL_MEMBERS", "Driver", "Layers"]
 
 #: `(path, kernel [in, out], bias [out])` per layer, in order (SW-MODEL-1).
 Layers = list[tuple[str, np.ndarray, np.ndarray]]
@@ -44,8 +44,22 @@ CAPABILITIES = frozenset(
         "dtype:float32",
         "dtype:bfloat16",
         "dtype:float16",
+        "exact_unmerge",  # unmerge restores the base bitwise (SW-MERGE-2, SW-HISTORY-1)
+        "target_selection",  # select_targets (SW-TARGET-1)
+        "compile_count",  # compile_count (SW-CONFORM-3)
     }
 )
+
+#: Optional members a driver MAY define (absent: the clauses that need them are "not supported"):
+#:
+#: - `versions() -> dict[str, str]`: implementation versions, copied into the JSON report.
+#: - `select_targets(paths, target_modules, exclude_modules) -> list[str]` ("target_selection"):
+#:   the paths the implementation would target; must raise when none matches (SW-TARGET-1).
+#: - `compile_count() -> int` ("compile_count"): how many times the forward has been compiled so
+#:   far (jaxlora: the jit cache size), to check SW-CONFORM-3.
+#: - `error_types: tuple[type[BaseException], ...]`: when set, every error the suite provokes must
+#:   be an instance of one of them (jaxlora: `JaxLoraError`, SW-ERROR-1).
+OPTIONAL_MEMBERS = ("versions", "select_targets", "compile_count", "error_types")
 
 
 @runtime_checkable
@@ -81,7 +95,9 @@ class Driver(Protocol):
         """Row i under adapter rows[i] (None: no adapter). Needs "mixed"."""
 
     def merge(self, safe: bool = False) -> None:
-        """Merge the active adapters into the base weights. Needs "merge"."""
+        """Merge the active adapters into the base weights. Needs "merge". While merged, `forward`
+        gives the merged model's output (no delta applied twice); the suite calls only
+        `forward`, `base_kernels` and `unmerge` until `unmerge`."""
 
     def unmerge(self) -> None:
         """Undo `merge`. Needs "merge"."""

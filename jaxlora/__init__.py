@@ -13,6 +13,8 @@ Example:
 """
 
 from . import errors as errors
+from . import io as io
+from . import numerics as numerics
 from .bank import NO_ADAPTER as NO_ADAPTER
 from .bank import Active as Active
 from .bank import AdapterBank as AdapterBank
@@ -29,9 +31,11 @@ from .layer import lora_dense_mixed as lora_dense_mixed
 from .merge import combine as combine
 from .merge import merge as merge
 from .merge import unmerge as unmerge
+from .numerics import check_finite as check_finite
 from .params import get_kernel as get_kernel
 from .params import kernel_paths as kernel_paths
 from .params import with_kernels as with_kernels
+from .slots import replace_slot as replace_slot
 from .weights import Adapter as Adapter
 from .weights import LoraConfig as LoraConfig
 from .weights import LoraWeights as LoraWeights

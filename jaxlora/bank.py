@@ -70,6 +70,17 @@ def _check_adapter(name: str, adapter: Adapter) -> dict[str, LoraWeights]:
                 f"adapter {name!r}, layer {path!r}: scale must be 0-d, got shape "
                 f"{np.shape(w.scale)}."
             )
+        dtypes = [
+            x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype for x in (w.a, w.b, w.scale)
+        ]
+        if not all(jnp.issubdtype(d, jnp.floating) for d in dtypes):
+            kinds = sorted({str(d) for d in dtypes})
+            raise ConfigError(
+                f"adapter {name!r}, layer {path!r}: a, b and scale must be floating point, got "
+                f"{kinds}. Cast them, e.g. jnp.asarray(a, jnp.float32)."
+            )
+        if not hasattr(w.scale, "dtype"):  # a Python float: make it an array leaf
+            w = LoraWeights(w.a, w.b, jnp.asarray(w.scale, jnp.float32))
         checked[path] = w
     return checked
 
@@ -111,6 +122,9 @@ class AdapterBank(Mapping[str, dict[str, LoraWeights]]):
             raise AdapterNotFoundError(
                 f"no adapter named {name!r}. The bank holds: {format_names(self._adapters)}."
             ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._adapters
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._adapters)

@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from .bank import Active, StackedBank
-from .errors import ConfigError, ShapeMismatchError
-from .layer import lora_dense, lora_dense_mixed
+from .errors import ConfigError, ShapeMismatchError, TargetNotFoundError, format_names
+from .layer import check_fits, lora_dense, lora_dense_mixed
+from .weights import LoraWeights
 
 __all__ = ["DenseChain", "forward", "forward_mixed"]
 
@@ -100,14 +101,30 @@ class DenseChain:
         return dataclasses.replace(self, kernels=new)
 
 
+def _check_targets(model: DenseChain, adapters: Sequence[Mapping[str, Any]], what: str) -> None:
+    """Every adapter path must name a layer of the model, with matching shapes (SW-TARGET-2)."""
+    shapes = model.layer_shapes()
+    for index, adapter in enumerate(adapters):
+        for path, w in adapter.items():
+            if path not in shapes:
+                raise TargetNotFoundError(
+                    f"{what} #{index} targets layer {path!r}, which the model does not have. "
+                    f"Model layers: {format_names(model.paths)}. Was the adapter made for "
+                    "another model, or does its path need a prefix stripped?"
+                )
+            check_fits(shapes[path], w, f"{what} #{index}, layer {path!r}")
+
+
 def forward(model: DenseChain, x: Array, active: Active = ()) -> Array:
     """The chain's output with the active adapters applied (SW-MODEL-1, SW-FORWARD-1).
 
     Arguments:
         model: the base model.
         x: `[..., in]`.
-        active: `jaxlora.select(bank, ...)`; adapters not targeting a layer skip it.
+        active: `jaxlora.select(bank, ...)`; adapters not targeting a layer skip it. An
+            adapter path the model lacks raises `TargetNotFoundError` (SW-TARGET-2).
     """
+    _check_targets(model, active, "active adapter")
     h = x
     last = len(model.paths) - 1
     for i, (path, kernel, bias) in enumerate(
@@ -122,7 +139,30 @@ def forward(model: DenseChain, x: Array, active: Active = ()) -> Array:
 def forward_mixed(
     model: DenseChain, x: Array, stacked: StackedBank, ids: Array, *, method: str = "auto"
 ) -> Array:
-    """The chain with a per-row adapter: row `i` uses slot `ids[i]` (-1: none) (SW-MIXED-1)."""
+    """The chain with a per-row adapter: row `i` uses slot `ids[i]` (-1: none) (SW-MIXED-1).
+
+    Arguments:
+        model: the base model.
+        x: `[batch, ..., in]`.
+        stacked: `jaxlora.stack(conformed_bank)`.
+        ids: `[batch]` int slot ids (`stacked.ids(names)`), `jaxlora.NO_ADAPTER` for none.
+        method: the routing kernel (`jaxlora.routing.METHODS`).
+    """
+    if jnp.ndim(ids) != 1 or jnp.shape(ids)[0] != jnp.shape(x)[0]:
+        raise ShapeMismatchError(
+            f"forward_mixed: ids has shape {tuple(jnp.shape(ids))} but x has "
+            f"{jnp.shape(x)[0]} rows (x{tuple(jnp.shape(x))}); give one adapter id per row "
+            "(stacked.ids(names), NO_ADAPTER for a row without adapter)."
+        )
+    one_slot = {  # shapes of one slot, to check the stacked weights fit the model
+        p: LoraWeights(
+            jax.ShapeDtypeStruct(w.a.shape[1:], w.a.dtype),
+            jax.ShapeDtypeStruct(w.b.shape[1:], w.b.dtype),
+            w.scale,
+        )
+        for p, w in stacked.weights.items()
+    }
+    _check_targets(model, [one_slot], "stacked bank")
     h = x
     last = len(model.paths) - 1
     for i, (path, kernel, bias) in enumerate(

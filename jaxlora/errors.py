@@ -1,7 +1,7 @@
 """One exception hierarchy for jaxlora.
 
 Every error jaxlora raises on bad input derives from [`JaxLoraError`][] and also from the
-built-in class a Python user would expect (`LookupError`, `ValueError`, ...), so both
+built-in class a Python user would expect (`KeyError`, `ValueError`, ...), so both
 `except jaxlora.errors.JaxLoraError` and `except KeyError`-style handlers work. Messages name
 the adapter, the layer path and the shapes involved, list what exists, and say how to fix it.
 
@@ -22,6 +22,7 @@ __all__ = [
     "AdapterExistsError",
     "AdapterFormatError",
     "AdapterNotFoundError",
+    "CheckpointError",
     "ConfigError",
     "JaxLoraError",
     "NonFiniteError",
@@ -38,8 +39,11 @@ class JaxLoraError(Exception):
         return str(self.args[0]) if self.args else ""
 
 
-class AdapterNotFoundError(JaxLoraError, LookupError):
-    """A name was asked for that the bank does not hold."""
+class AdapterNotFoundError(JaxLoraError, KeyError):
+    """A name was asked for that the bank does not hold.
+
+    A `KeyError` (hence a `LookupError`), so `Mapping` methods such as `get` and `in` work.
+    """
 
 
 class AdapterExistsError(JaxLoraError, ValueError):
@@ -60,6 +64,10 @@ class ConfigError(JaxLoraError, ValueError):
 
 class AdapterFormatError(JaxLoraError, ValueError):
     """A file or directory is not a valid adapter (missing, truncated, corrupt, inconsistent)."""
+
+
+class CheckpointError(JaxLoraError, ValueError):
+    """A model checkpoint directory is missing files or holds tensors that do not fit its config."""
 
 
 class UnsupportedFeatureError(JaxLoraError, NotImplementedError):

@@ -17,10 +17,11 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from .errors import ShapeMismatchError
 from .routing import routed_delta
 from .weights import LoraWeights
 
-__all__ = ["lora_delta", "lora_dense", "lora_dense_mixed"]
+__all__ = ["check_fits", "lora_delta", "lora_dense", "lora_dense_mixed"]
 
 Array = jax.Array
 
@@ -28,8 +29,34 @@ Array = jax.Array
 def lora_delta(x: Array, w: LoraWeights) -> Array:
     """`((x @ a) @ b) * scale` in the adapter's compute dtype (spec SW-FORWARD-1, SW-DTYPE-1)."""
     dtype = jnp.result_type(x.dtype, w.a.dtype)
-    h = x.astype(dtype) @ w.a.astype(dtype)
-    return (h @ w.b.astype(dtype)) * w.scale.astype(dtype)
+    h = x.astype(dtype) @ jnp.asarray(w.a).astype(dtype)
+    return (h @ jnp.asarray(w.b).astype(dtype)) * jnp.asarray(w.scale).astype(dtype)
+
+
+def check_fits(kernel_shape: tuple[int, ...], w: LoraWeights, where: str = "this layer") -> None:
+    """Raise `ShapeMismatchError` unless `w` (a `[in, r]`, b `[r, out]`) fits a kernel `[in, out]`.
+
+    Shapes are static, so the check costs nothing at run time (it runs while tracing).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = LoraWeights(jnp.ones((3, 1)), jnp.ones((1, 2)), jnp.asarray(1.0))
+        >>> check_fits((3, 2), w)
+    """
+    a_shape, b_shape = tuple(jnp.shape(w.a)), tuple(jnp.shape(w.b))
+    fits = (
+        len(a_shape) == 2
+        and len(b_shape) == 2
+        and a_shape[1] == b_shape[0]
+        and (a_shape[0], b_shape[1]) == tuple(kernel_shape)
+    )
+    if not fits:
+        raise ShapeMismatchError(
+            f"{where}: the kernel is {tuple(kernel_shape)} (in, out) but the LoRA weights are "
+            f"a{a_shape} b{b_shape}; expected a (in, r) = ({kernel_shape[0]}, r) and "
+            f"b (r, out) = (r, {kernel_shape[-1]}). Was the adapter made for another model, or "
+            "are PEFT's [r, in] / [out, r] weights not transposed?"
+        )
 
 
 def _base(x: Array, kernel: Array, bias: Array | None) -> Array:
@@ -60,6 +87,8 @@ def lora_dense(
         weights = (weights,)
     if not weights:
         return y
+    for w in weights:
+        check_fits(tuple(kernel.shape), w)
     deltas = [lora_delta(x, w) for w in weights]
     acc = y.astype(jnp.result_type(y.dtype, *(d.dtype for d in deltas)))
     for d in deltas:

@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 
 from .bank import AdapterBank
 from .errors import ConfigError, NonFiniteError, ShapeMismatchError, format_names
@@ -35,29 +34,41 @@ __all__ = ["COMBINE_METHODS", "combine", "merge", "unmerge"]
 COMBINE_METHODS = ("cat", "linear", "svd")
 
 
-def _as_adapters(adapters: Adapter | Sequence[Adapter]) -> list[Adapter]:
+def _labelled(adapters: Adapter | Sequence[Adapter] | Mapping[str, Adapter]) -> list[tuple]:
+    """`[(label for messages, adapter)]` from one adapter, a sequence, or `name -> adapter`."""
     if isinstance(adapters, Mapping):
-        return [adapters]
-    return list(adapters)
+        values = list(adapters.values())
+        if values and all(isinstance(v, LoraWeights) for v in values):
+            return [("the adapter", adapters)]
+        if all(isinstance(v, Mapping) for v in values):  # a bank or `name -> adapter` dict
+            return [(f"adapter {n!r}", adapters[n]) for n in adapters]
+        raise ConfigError(
+            "expected an adapter (`layer path -> LoraWeights`), a sequence of adapters or a "
+            f"mapping `name -> adapter`; got a mapping with values of types "
+            f"{sorted({type(v).__name__ for v in values})}."
+        )
+    return [(f"adapter #{i}", ad) for i, ad in enumerate(adapters)]
 
 
-def _deltas(params: Any, adapters: Sequence[Adapter], safe: bool) -> dict[str, tuple]:
+def _deltas(params: Any, adapters: Sequence[tuple], safe: bool) -> dict[str, tuple]:
     """`path -> (kernel, delta in the promoted dtype)`, validated before anything is built."""
     out: dict[str, tuple] = {}
-    for index, adapter in enumerate(adapters):
+    for label, adapter in adapters:
         for path, w in adapter.items():
-            kernel = get_kernel(params, path)
+            kernel = jnp.asarray(get_kernel(params, path))  # canonical dtype (x64 off)
             if tuple(kernel.shape) != (w.in_features, w.out_features):
                 raise ShapeMismatchError(
-                    f"layer {path!r}: the kernel is {tuple(kernel.shape)} but adapter #{index} "
-                    f"maps ({w.in_features}, {w.out_features}) (a{tuple(w.a.shape)}, "
-                    f"b{tuple(w.b.shape)})."
+                    f"{label}, layer {path!r}: the kernel is {tuple(kernel.shape)} but the "
+                    f"adapter maps ({w.in_features}, {w.out_features}) (a{tuple(w.a.shape)}, "
+                    f"b{tuple(w.b.shape)}). Was it made for another model?"
                 )
             dtype = jnp.result_type(kernel.dtype, w.a.dtype)
-            delta = (w.a.astype(dtype) @ w.b.astype(dtype)) * w.scale.astype(dtype)
+            delta = (jnp.asarray(w.a, dtype) @ jnp.asarray(w.b, dtype)) * jnp.asarray(
+                w.scale
+            ).astype(dtype)
             if safe and not bool(jnp.all(jnp.isfinite(delta))):
                 raise NonFiniteError(
-                    f"adapter #{index}, layer {path!r}: the delta scale * a @ b has NaN/Inf "
+                    f"{label}, layer {path!r}: the delta scale * a @ b has NaN/Inf "
                     f"(scale={float(w.scale)}); nothing was merged. Check the adapter weights."
                 )
             if path in out:
@@ -69,29 +80,35 @@ def _deltas(params: Any, adapters: Sequence[Adapter], safe: bool) -> dict[str, t
     return out
 
 
-def merge(params: Any, adapters: Adapter | Sequence[Adapter], *, safe: bool = False) -> Any:
+def merge(
+    params: Any,
+    adapters: Adapter | Sequence[Adapter] | Mapping[str, Adapter],
+    *,
+    safe: bool = False,
+) -> Any:
     """New parameters with `kernel + scale * a @ b` at every targeted path (SW-MERGE-1).
 
     Arguments:
         params: a `DenseChain` or a nested parameter tree (see `jaxlora.params`).
-        adapters: one adapter, or a sequence (e.g. `select(bank, [...])`; deltas summed).
+        adapters: one adapter, a sequence (e.g. `select(bank, [...])`; deltas summed), or a
+            mapping `name -> adapter` (e.g. an `AdapterBank`; errors then name the adapter).
         safe: refuse (`NonFiniteError`) before building anything if a delta has NaN/Inf. Needs
             concrete arrays (not under `jit`).
 
     Returns:
         The merged tree; `params` itself is unchanged (SW-MERGE-2).
     """
-    deltas = _deltas(params, _as_adapters(adapters), safe)
+    deltas = _deltas(params, _labelled(adapters), safe)
     return with_kernels(
         params,
         {p: (k.astype(d.dtype) + d).astype(k.dtype) for p, (k, d) in deltas.items()},
     )
 
 
-def unmerge(params: Any, adapters: Adapter | Sequence[Adapter]) -> Any:
+def unmerge(params: Any, adapters: Adapter | Sequence[Adapter] | Mapping[str, Adapter]) -> Any:
     """New parameters with the delta subtracted again (SW-MERGE-3): equal to the original within
     the tolerance policy, not bitwise. To go back exactly, keep the unmerged tree instead."""
-    deltas = _deltas(params, _as_adapters(adapters), safe=False)
+    deltas = _deltas(params, _labelled(adapters), safe=False)
     return with_kernels(
         params,
         {p: (k.astype(d.dtype) - d).astype(k.dtype) for p, (k, d) in deltas.items()},
@@ -143,6 +160,8 @@ def combine(
             f"`names` and `weights` must be non-empty and of one length; got {len(names)} names "
             f"and {len(weights)} weights."
         )
+    if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank <= 0):
+        raise ConfigError(f"`svd_rank` must be a positive integer or None, got {svd_rank!r}.")
     adapters = [bank[n] for n in names]
     out: dict[str, LoraWeights] = {}
     one = jnp.asarray(1.0, jnp.float32)
@@ -164,15 +183,13 @@ def combine(
                     f"method='linear' needs equal ranks, but at layer {path!r} the ranks are "
                     f"{ranks}. Use method='cat' (exact) or 'svd'."
                 )
-            a = sum(np.sign(c) * math.sqrt(abs(c)) * w.a.astype(dtype) for _, c, w in parts)
+            # Python floats are weakly typed: the factors keep the adapters' dtype
+            a = sum(math.copysign(math.sqrt(abs(c)), c) * w.a.astype(dtype) for _, c, w in parts)
             b = sum(math.sqrt(abs(c)) * w.b.astype(dtype) for _, c, w in parts)
         else:
-            delta = sum(
-                c * (w.a.astype(jnp.float32) @ w.b.astype(jnp.float32)) for _, c, w in parts
-            )
+            wide = jnp.result_type(dtype, jnp.float32)  # SVD in at least float32
+            delta = sum(c * (w.a.astype(wide) @ w.b.astype(wide)) for _, c, w in parts)
             k = svd_rank if svd_rank is not None else max(w.rank for _, _, w in parts)
-            if k <= 0:
-                raise ConfigError(f"`svd_rank` must be positive, got {svd_rank}.")
             k = min(k, *delta.shape)
             u, s, vt = jnp.linalg.svd(delta, full_matrices=False)
             a = (u[:, :k] * s[:k]).astype(dtype)

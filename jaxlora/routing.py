@@ -1,6 +1,36 @@
 """Mixed-batch routing kernels: `delta[i] = scale[id_i] * (x[i] @ a[id_i]) @ b[id_i]`.
 
-Rows whose id is `NO_ADAPTER` (-1) get an exact zero delta and use no slot (spec SW-MIXED-1).
+Rows whose id is `NO_ADAPTER` (-1) get an exact zero delta and use no slot (spec SW-MIXED-1,
+SW-ROUTE-1). Three kernels compute the same value (SW-ROUTE-2):
+
+- `"gather"`: gathers each row's factors (`a[ids]`: `[B, in, R]`) and contracts per row.
+  Memory `B * (in + out) * R`; FLOPs `B * T * (in + out) * R` (`T` tokens per row).
+- `"onehot"`: two explicit einsums, shrink `x -> [B, ..., S, R]` against every slot, masked by a
+  one-hot of the ids times the scale, then expand; no per-row weights exist at any point.
+  FLOPs `S` times those of gather; best when the slot count is small.
+- `"ragged"`: sorts rows by id, runs `jax.lax.ragged_dot` for shrink and expand with per-slot
+  group sizes, and unsorts. Sentinel rows are sorted last and appended to the last slot's group
+  (so no extra slot exists), then masked to an exact zero.
+
+`"auto"` picks from static shapes only (SW-ROUTE-3). The rule comes from
+`python -m benchmarks.routing_choice` on the project's shared 2-core CPU (jax 0.10.2, float32,
+in = out = 256, R = 8, median ms of 20 jitted calls; two runs agreed on every winner):
+
+    B x T     S   gather  onehot  ragged
+    8 x 1     4     0.05    0.05    0.08
+    8 x 1    16     0.08    0.08    0.16
+    64 x 1    4     0.31    0.09    0.15
+    64 x 1   16     0.19    0.19    0.50
+    64 x 1   32     0.30    0.43    0.61
+    64 x 1   64     0.15    0.52    1.27
+    8 x 16    4     0.07    0.10    0.21
+    8 x 128   4     0.20    0.52    0.86
+    8 x 128  16     0.20    1.17    4.27
+
+so: `onehot` when rows hold one token (`T == 1`, decoding) and `S <= 16` (its `S`-fold extra
+FLOPs cost less than gathering `B` copies of the factors), else `gather`. `ragged` never wins
+on CPU (XLA:CPU has no grouped matmul); it is offered for accelerators, where `ragged_dot` is a
+grouped matmul. Re-run the script on the target hardware before relying on the rule there.
 
 Example:
     >>> import jax.numpy as jnp, jaxlora
@@ -11,42 +41,128 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from .errors import ConfigError
+from .errors import ConfigError, ShapeMismatchError
 from .weights import LoraWeights
 
-__all__ = ["METHODS", "routed_delta"]
+__all__ = ["METHODS", "choose_method", "routed_delta"]
 
 Array = jax.Array
 
-METHODS = ("auto", "gather")
+METHODS = ("auto", "gather", "onehot", "ragged")
+
+#: `auto` uses `onehot` for single-token rows up to this many slots (see the module docstring).
+ONEHOT_MAX_SLOTS = 16
 
 
-def _gather(x: Array, stacked: LoraWeights, ids: Array) -> Array:
+def _row_mask(valid: Array, ndim: int) -> Array:
+    return valid.reshape(valid.shape + (1,) * (ndim - 1))
+
+
+def _gather(x: Array, stacked: LoraWeights, ids: Array, dtype) -> Array:
     valid = ids >= 0
     safe = jnp.where(valid, ids, 0)
-    dtype = jnp.result_type(x.dtype, stacked.a.dtype)
     a = stacked.a[safe].astype(dtype)  # [B, in, R]
     b = stacked.b[safe].astype(dtype)  # [B, R, out]
     scale = jnp.where(valid, stacked.scale[safe], 0).astype(dtype)  # [B]
     h = jnp.einsum("b...i,bir->b...r", x.astype(dtype), a)
-    d = jnp.einsum("b...r,bro->b...o", h, b)
-    d = d * scale.reshape(scale.shape + (1,) * (d.ndim - 1))
-    mask = valid.reshape(valid.shape + (1,) * (d.ndim - 1))
-    return jnp.where(mask, d, jnp.zeros((), dtype))
+    h = h * scale.reshape(scale.shape + (1,) * (h.ndim - 1))
+    return jnp.einsum("b...r,bro->b...o", h, b)
+
+
+def _onehot(x: Array, stacked: LoraWeights, ids: Array, dtype) -> Array:
+    slots = stacked.a.shape[0]
+    # one_hot of -1 is an all-zero row: the sentinel selects nothing.
+    weight = jax.nn.one_hot(ids, slots, dtype=dtype) * stacked.scale.astype(dtype)  # [B, S]
+    h = jnp.einsum("b...i,sir->b...sr", x.astype(dtype), stacked.a.astype(dtype))
+    h = h * weight.reshape(weight.shape[:1] + (1,) * (h.ndim - 3) + weight.shape[1:] + (1,))
+    return jnp.einsum("b...sr,sro->b...o", h, stacked.b.astype(dtype))
+
+
+def _ragged(x: Array, stacked: LoraWeights, ids: Array, dtype) -> Array:
+    slots = stacked.a.shape[0]
+    batch, tokens = x.shape[0], math.prod(x.shape[1:-1])
+    # Sentinel rows sort after every slot and join the last slot's group (no extra slot).
+    key = jnp.where(ids >= 0, ids, slots)
+    order = jnp.argsort(key, stable=True)
+    inverse = jnp.argsort(order)
+    counts = jnp.bincount(jnp.minimum(key, slots - 1), length=slots).astype(jnp.int32)
+    group_sizes = counts * tokens
+    xs = x.astype(dtype)[order].reshape(batch * tokens, x.shape[-1])
+    scale = jnp.where(ids >= 0, stacked.scale[jnp.minimum(key, slots - 1)], 0)[order]
+    h = jax.lax.ragged_dot(xs, stacked.a.astype(dtype), group_sizes, preferred_element_type=dtype)
+    h = h * jnp.repeat(scale.astype(dtype), tokens)[:, None]
+    d = jax.lax.ragged_dot(h, stacked.b.astype(dtype), group_sizes, preferred_element_type=dtype)
+    return d.reshape((batch, *x.shape[1:-1], d.shape[-1]))[inverse]
+
+
+_KERNELS = {"gather": _gather, "onehot": _onehot, "ragged": _ragged}
+
+
+def choose_method(x_shape: tuple[int, ...], stacked: LoraWeights) -> str:
+    """The kernel `method="auto"` uses for these static shapes (spec SW-ROUTE-3).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> st = LoraWeights(jnp.ones((4, 8, 2)), jnp.ones((4, 2, 8)), jnp.ones(4))
+        >>> choose_method((32, 8), st), choose_method((2, 64, 8), st)
+        ('onehot', 'gather')
+    """
+    tokens = math.prod(x_shape[1:-1])
+    slots = stacked.a.shape[0]
+    return "onehot" if tokens == 1 and slots <= ONEHOT_MAX_SLOTS else "gather"
+
+
+def _check(x: Array, stacked: LoraWeights, ids: Array) -> None:
+    a_shape, b_shape = tuple(stacked.a.shape), tuple(stacked.b.shape)
+    if (
+        len(a_shape) != 3
+        or len(b_shape) != 3
+        or a_shape[0] != b_shape[0]
+        or a_shape[2] != b_shape[1]
+        or tuple(stacked.scale.shape) != a_shape[:1]
+    ):
+        raise ShapeMismatchError(
+            f"stacked weights must be a [S, in, R], b [S, R, out], scale [S]; got "
+            f"a{a_shape}, b{b_shape}, scale{tuple(stacked.scale.shape)}. Build them with "
+            "jaxlora.stack(jaxlora.conform(bank))."
+        )
+    if x.ndim < 2 or x.shape[-1] != a_shape[1]:
+        raise ShapeMismatchError(
+            f"x must be [batch, ..., in] with in={a_shape[1]} (the stacked a is {a_shape}); "
+            f"got x{tuple(x.shape)}."
+        )
+    if ids.ndim != 1 or ids.shape[0] != x.shape[0]:
+        raise ShapeMismatchError(
+            f"ids must be [batch] with one slot id per row of x{tuple(x.shape)}; got "
+            f"ids{tuple(ids.shape)}. Use StackedBank.ids(names) to build them."
+        )
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ConfigError(f"ids must be integers (slot index, -1 for none), got {ids.dtype}.")
 
 
 def routed_delta(x: Array, stacked: LoraWeights, ids: Array, *, method: str = "auto") -> Array:
-    """The per-row LoRA delta of a mixed batch.
+    """The per-row LoRA delta of a mixed batch (spec SW-MIXED-1, SW-ROUTE-1..3).
 
     Arguments:
         x: `[batch, ..., in]`.
         stacked: `a [S, in, R]`, `b [S, R, out]`, `scale [S]`.
-        ids: `[batch]` int slot ids, -1 for no adapter.
-        method: `"gather"`, or `"auto"` (picks from the shapes).
+        ids: `[batch]` int slot ids, -1 (`jaxlora.NO_ADAPTER`) for no adapter.
+        method: `"gather"`, `"onehot"`, `"ragged"` or `"auto"` (chosen from the shapes).
+
+    Returns:
+        `[batch, ..., out]` in `promote(x.dtype, a.dtype)`; rows with id -1 are exactly zero.
     """
     if method not in METHODS:
         raise ConfigError(f"unknown routing method {method!r}; choose one of {METHODS}.")
-    return _gather(x, stacked, ids)
+    ids = jnp.asarray(ids)
+    _check(x, stacked, ids)
+    if method == "auto":
+        method = choose_method(tuple(x.shape), stacked)
+    dtype = jnp.result_type(x.dtype, stacked.a.dtype)
+    d = _KERNELS[method](x, stacked, ids, dtype)
+    return jnp.where(_row_mask(ids >= 0, d.ndim), d, jnp.zeros((), dtype))

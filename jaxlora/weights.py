@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import ConfigError, ShapeMismatchError, format_names
+from .errors import ConfigError, ShapeMismatchError, UnsupportedFeatureError, format_names
 
 __all__ = [
     "Adapter",
@@ -165,14 +165,46 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     lora_dropout: float = 0.0
     init_lora_weights: bool = True
+    bias: str = "none"
+    use_dora: bool = False
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int | np.integer) or self.r <= 0:
+        if not isinstance(self.r, int | np.integer) or isinstance(self.r, bool) or self.r <= 0:
             raise ConfigError(f"LoraConfig: `r` must be a positive integer, got r={self.r!r}.")
+        if not _is_finite_number(self.lora_alpha):
+            raise ConfigError(
+                f"LoraConfig: `lora_alpha` must be a finite number, got {self.lora_alpha!r}."
+            )
         for key, value in self.rank_pattern.items():
             if not isinstance(value, int | np.integer) or value <= 0:
                 raise ConfigError(
                     f"LoraConfig: rank_pattern[{key!r}] must be a positive integer, got {value!r}."
+                )
+        for key, value in self.alpha_pattern.items():
+            if not _is_finite_number(value):
+                raise ConfigError(
+                    f"LoraConfig: alpha_pattern[{key!r}] must be a finite number, got {value!r}."
+                )
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, field_name):
+                _check_regex(f"{field_name} key", key)
+        for field_name in ("target_modules", "exclude_modules"):
+            value = getattr(self, field_name)
+            if isinstance(value, str) and value != "all-linear":
+                _check_regex(field_name, value)
+        refused = {
+            "use_dora": self.use_dora,
+            "lora_bias": self.lora_bias,
+            "bias": self.bias != "none",
+        }
+        for field_name, is_set in refused.items():
+            if is_set:
+                raise UnsupportedFeatureError(
+                    f"LoraConfig: {field_name}={getattr(self, field_name)!r} is not supported by "
+                    "jaxlora (spec SW-CONFIG-1); it would change the forward, so it is refused "
+                    f"rather than ignored. Use an adapter trained without {field_name}, or "
+                    "merge it with PEFT first."
                 )
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -190,6 +222,24 @@ class LoraConfig:
     def scale_for(self, path: str) -> float:
         """The scale of the layer at `path` (spec SW-SCALE-1..3)."""
         return scaling(self.alpha_for(path), self.rank_for(path), self.use_rslora)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return (
+        isinstance(value, int | float | np.integer | np.floating)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def _check_regex(what: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(
+            f"LoraConfig: {what} {pattern!r} is not a valid regular expression ({err}). "
+            "Escape literal dots and brackets, e.g. r'blocks\\.0\\.q'."
+        ) from None
 
 
 def make_adapter(

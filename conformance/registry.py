@@ -1,0 +1,111 @@
+"""The check registry: every check names the spec clauses it verifies.
+
+A *check* is a function `check(driver, case)` run by Hypothesis over `case`s drawn from a
+strategy (or a `RuleBasedStateMachine`). It is registered with `@clause(...)`; a failed
+expectation raises `ClauseFailure`, which carries the clause it violates, so a check that
+verifies several clauses still names the right one.
+
+Example:
+    >>> from hypothesis import strategies as st
+    >>> @clause("SW-EXAMPLE-1", cases=lambda driver: st.just(1), register=False)
+    ... def check_example(driver, case):
+    ...     expect("SW-EXAMPLE-1", case == 1, "case must be 1")
+    >>> check_example.clauses
+    ('SW-EXAMPLE-1',)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+__all__ = ["CHECKS", "Check", "ClauseFailure", "NotSupported", "clause", "expect"]
+
+
+class ClauseFailure(AssertionError):
+    """A driver's behaviour contradicts clause `clause_id`."""
+
+    def __init__(self, clause_id: str, message: str):
+        super().__init__(f"{clause_id}: {message}")
+        self.clause_id = clause_id
+        self.message = message
+
+
+class NotSupported(Exception):
+    """Raised by a check when the driver lacks something the check needs at run time."""
+
+
+def expect(clause_id: str, condition: Any, message: str) -> None:
+    """Raise `ClauseFailure(clause_id, message)` unless `condition` holds."""
+    if not condition:
+        raise ClauseFailure(clause_id, message)
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One registered check.
+
+    Arguments:
+        name: the function name (`check_default_scale`): the id used by skip/xfail files.
+        clauses: the clause IDs it verifies, the primary one first.
+        needs: capabilities (see `conformance.driver.CAPABILITIES`) the driver must declare.
+        fn: `fn(driver, case)`; None for a state machine.
+        cases: `cases(driver) -> strategy` of the cases to draw.
+        machine: `machine(driver) -> RuleBasedStateMachine` instance factory, for stateful checks.
+    """
+
+    name: str
+    clauses: tuple[str, ...]
+    needs: frozenset[str]
+    fn: Callable[[Any, Any], None] | None = None
+    cases: Callable[[Any], Any] | None = None
+    machine: Callable[[Any], Any] | None = None
+
+    def __call__(self, driver: Any, case: Any) -> None:
+        return self.fn(driver, case)
+
+    def missing(self, capabilities: Iterable[str]) -> list[str]:
+        """The capabilities this check needs that `capabilities` lacks."""
+        return sorted(self.needs - set(capabilities))
+
+
+#: Every registered check, in registration order (the order of the report).
+CHECKS: list[Check] = []
+
+
+def clause(
+    *clause_ids: str,
+    needs: Iterable[str] = (),
+    cases: Callable[[Any], Any] | None = None,
+    register: bool = True,
+) -> Callable[[Callable], Check]:
+    """Register a check under the clauses it verifies (primary clause first).
+
+    Decorates either a function `fn(driver, case)` (give `cases=`) or a
+    `RuleBasedStateMachine` subclass whose `__init__` takes the driver (no `cases=`).
+
+    Arguments:
+        clause_ids: one or more `SW-...` IDs.
+        needs: driver capabilities required; without them the check is "not supported".
+        cases: `cases(driver)` returns the Hypothesis strategy of cases.
+        register: add the check to `CHECKS` (False for ad-hoc checks).
+    """
+    if not clause_ids:
+        raise ValueError("@clause needs at least one clause ID, e.g. @clause('SW-SCALE-1').")
+
+    def wrap(fn: Callable) -> Check:
+        ids, caps = tuple(clause_ids), frozenset(needs)
+        if isinstance(fn, type):
+            check = Check(fn.__name__, ids, caps, machine=fn)
+        elif cases is None:
+            raise ValueError(f"@clause on {fn.__name__}: give `cases=` (a strategy factory).")
+        else:
+            check = Check(fn.__name__, ids, caps, fn=fn, cases=cases)
+        if register:
+            if any(c.name == check.name for c in CHECKS):
+                raise ValueError(f"a check named {check.name!r} is already registered.")
+            CHECKS.append(check)
+        return check
+
+    return wrap
