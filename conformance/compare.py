@@ -43,7 +43,7 @@ def expect_close(clause_id: str, y, y_ref, dtype: str, what: str) -> None:
         if y.shape == y_ref.shape and y.size:
             diff = np.abs(y - y_ref)
             diff[np.isnan(diff)] = np.inf
-            where = f" at index {np.unravel_index(np.argmax(diff), y.shape)}"
+            where = f" at index {tuple(int(i) for i in np.unravel_index(np.argmax(diff), y.shape))}"
         raise ClauseFailure(
             clause_id,
             f"{what}: max|y - y*| = {err:.3g}{where} exceeds {allowed:.3g} "

@@ -66,7 +66,11 @@ OPTIONAL_MEMBERS = ("versions", "select_targets", "compile_count", "error_types"
 class Driver(Protocol):
     """What the suite calls. Any exception signals an error (the suite checks that errors are
     raised where the spec requires them, and that the driver's observable state is unchanged
-    afterwards)."""
+    afterwards).
+
+    Every driver has `name`, `capabilities`, `build`, `add_adapter`, `delete_adapter`,
+    `set_active` and `forward`; the other methods are needed only with the capability named in
+    their docstring (`conformance.loader.driver_problems` lists what a driver lacks)."""
 
     #: short name for reports
     name: str
@@ -113,4 +117,5 @@ class Driver(Protocol):
         """Add `new_name`, a weighted combination (SW-COMBINE-*). Needs "combine_<method>"."""
 
     def base_kernels(self) -> dict[str, np.ndarray]:
-        """The current base kernels (`[in, out]`, as NumPy), to check merges and their undo."""
+        """The current base kernels (`[in, out]`, as NumPy copies), to check merges and their
+        undo. Needs "merge"."""

@@ -12,9 +12,29 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from .driver import Driver
+from .driver import CAPABILITIES, Driver
 
-__all__ = ["BUILTIN", "DriverLoadError", "DriverUnavailable", "load_driver"]
+__all__ = ["BUILTIN", "DriverLoadError", "DriverUnavailable", "driver_problems", "load_driver"]
+
+#: Members every driver has; the rest of the protocol is needed only per capability.
+CORE_MEMBERS = (
+    "name",
+    "capabilities",
+    "build",
+    "add_adapter",
+    "delete_adapter",
+    "set_active",
+    "forward",
+)
+#: capability (or "combine") -> the methods it needs.
+CAPABILITY_METHODS = {
+    "mixed": ("forward_mixed",),
+    "merge": ("merge", "unmerge", "base_kernels"),
+    "safe_merge": ("merge",),
+    "combine": ("combine",),
+    "target_selection": ("select_targets",),
+    "compile_count": ("compile_count",),
+}
 
 #: Built-in driver names -> `module:factory`.
 BUILTIN = {
@@ -83,11 +103,33 @@ def load_driver(spec: str) -> Driver:
             "class or function that returns the driver."
         )
     driver = factory()
-    if not isinstance(driver, Driver):
-        members = ("name", "capabilities", *(m for m in vars(Driver) if not m.startswith("_")))
-        missing = {m for m in members if not hasattr(driver, m)}
+    problems = driver_problems(driver)
+    if problems:
         raise DriverLoadError(
-            f"{target!r} returned {type(driver).__name__}, which lacks the Driver members "
-            f"{sorted(missing)} (see conformance/README.md)."
+            f"{target!r} returned a {type(driver).__name__} that does not implement the Driver "
+            f"protocol: {'; '.join(problems)} (see conformance/README.md)."
         )
     return driver
+
+
+def driver_problems(driver) -> list[str]:
+    """What `driver` lacks: core members, and the methods its declared capabilities need.
+
+    Example:
+        >>> driver_problems(object())[0][:40]
+        "missing members ['add_adapter', 'build',"
+    """
+    problems = []
+    missing = sorted(m for m in CORE_MEMBERS if not hasattr(driver, m))
+    if missing:
+        problems.append(f"missing members {missing}")
+    capabilities = set(getattr(driver, "capabilities", ()) or ())
+    unknown = sorted(capabilities - CAPABILITIES)
+    if unknown:
+        problems.append(f"unknown capabilities {unknown}; known: {sorted(CAPABILITIES)}")
+    for capability in sorted(capabilities):
+        prefix = capability.split("_")[0] if capability.startswith("combine") else capability
+        for method in CAPABILITY_METHODS.get(prefix, ()):
+            if not callable(getattr(driver, method, None)):
+                problems.append(f"declares {capability!r} but has no method {method!r}")
+    return problems

@@ -20,7 +20,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["CHECKS", "Check", "ClauseFailure", "NotSupported", "clause", "expect"]
+__all__ = ["CHECKS", "NOT_APPLICABLE", "Check", "ClauseFailure", "clause", "expect"]
 
 
 class ClauseFailure(AssertionError):
@@ -30,10 +30,6 @@ class ClauseFailure(AssertionError):
         super().__init__(f"{clause_id}: {message}")
         self.clause_id = clause_id
         self.message = message
-
-
-class NotSupported(Exception):
-    """Raised by a check when the driver lacks something the check needs at run time."""
 
 
 def expect(clause_id: str, condition: Any, message: str) -> None:
@@ -52,7 +48,9 @@ class Check:
         needs: capabilities (see `conformance.driver.CAPABILITIES`) the driver must declare.
         fn: `fn(driver, case)`; None for a state machine.
         cases: `cases(driver) -> strategy` of the cases to draw.
-        machine: `machine(driver) -> RuleBasedStateMachine` instance factory, for stateful checks.
+        machine: a `RuleBasedStateMachine` subclass taking the driver, for stateful checks.
+        clause_needs: extra capabilities per clause: without them the check still runs but does
+            not count as covering that clause (a state machine skips those rules).
     """
 
     name: str
@@ -61,9 +59,12 @@ class Check:
     fn: Callable[[Any, Any], None] | None = None
     cases: Callable[[Any], Any] | None = None
     machine: Callable[[Any], Any] | None = None
+    clause_needs: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
 
-    def __call__(self, driver: Any, case: Any) -> None:
-        return self.fn(driver, case)
+    def covered(self, capabilities: Iterable[str]) -> tuple[str, ...]:
+        """The clauses this check verifies for a driver with `capabilities`."""
+        caps = set(capabilities)
+        return tuple(c for c in self.clauses if self.clause_needs.get(c, frozenset()) <= caps)
 
     def missing(self, capabilities: Iterable[str]) -> list[str]:
         """The capabilities this check needs that `capabilities` lacks."""
@@ -73,11 +74,18 @@ class Check:
 #: Every registered check, in registration order (the order of the report).
 CHECKS: list[Check] = []
 
+#: Clauses of the spec that no driver can show (they are about a project, not an
+#: implementation's behaviour): `clause ID -> reason`, reported as "not applicable".
+NOT_APPLICABLE: dict[str, str] = {
+    "SW-SPEC-1": "about the traceability of a project's own tests, not observable by a driver",
+}
+
 
 def clause(
     *clause_ids: str,
     needs: Iterable[str] = (),
     cases: Callable[[Any], Any] | None = None,
+    clause_needs: dict[str, Iterable[str]] | None = None,
     register: bool = True,
 ) -> Callable[[Callable], Check]:
     """Register a check under the clauses it verifies (primary clause first).
@@ -89,6 +97,7 @@ def clause(
         clause_ids: one or more `SW-...` IDs.
         needs: driver capabilities required; without them the check is "not supported".
         cases: `cases(driver)` returns the Hypothesis strategy of cases.
+        clause_needs: per-clause extra capabilities (see `Check.clause_needs`).
         register: add the check to `CHECKS` (False for ad-hoc checks).
     """
     if not clause_ids:
@@ -96,12 +105,13 @@ def clause(
 
     def wrap(fn: Callable) -> Check:
         ids, caps = tuple(clause_ids), frozenset(needs)
+        per_clause = {c: frozenset(n) for c, n in (clause_needs or {}).items()}
         if isinstance(fn, type):
-            check = Check(fn.__name__, ids, caps, machine=fn)
+            check = Check(fn.__name__, ids, caps, machine=fn, clause_needs=per_clause)
         elif cases is None:
             raise ValueError(f"@clause on {fn.__name__}: give `cases=` (a strategy factory).")
         else:
-            check = Check(fn.__name__, ids, caps, fn=fn, cases=cases)
+            check = Check(fn.__name__, ids, caps, fn=fn, cases=cases, clause_needs=per_clause)
         if register:
             if any(c.name == check.name for c in CHECKS):
                 raise ValueError(f"a check named {check.name!r} is already registered.")

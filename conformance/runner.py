@@ -17,13 +17,12 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from hypothesis import HealthCheck, Phase, seed, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import errors as hypothesis_errors
-from hypothesis import given
 from hypothesis.stateful import run_state_machine_as_test
 
 from . import checks as _checks  # noqa: F401  (registers the checks)
-from .registry import CHECKS, Check, ClauseFailure, NotSupported
+from .registry import CHECKS, NOT_APPLICABLE, Check, ClauseFailure
 
 __all__ = [
     "SPEC_PATH",
@@ -49,7 +48,7 @@ PASS, FAIL, UNSUPPORTED, SKIPPED, XFAIL, XPASS = (
     "xfail",
     "xpass",
 )
-BLOCKED, UNCOVERED = "blocked", "not covered"
+BLOCKED, UNCOVERED, NOT_APPLICABLE_STATUS = "blocked", "not covered", "not applicable"
 
 
 @dataclasses.dataclass
@@ -145,6 +144,7 @@ def _settings(config: RunConfig) -> settings:
         database=None,
         derandomize=False,
         print_blob=False,
+        report_multiple_bugs=False,
         suppress_health_check=list(HealthCheck),
         phases=[p for p in Phase if p is not Phase.explain],
     )
@@ -162,7 +162,7 @@ def _counterexample(notes: list[str]) -> str:
 
 def run_check(check: Check, driver, config: RunConfig) -> CheckResult:
     """Run one check under Hypothesis; a failure is the shrunk counterexample."""
-    result = CheckResult(check.name, check.clauses, PASS)
+    result = CheckResult(check.name, check.covered(driver.capabilities), PASS)
     missing = check.missing(driver.capabilities)
     if missing:
         result.status, result.message = UNSUPPORTED, f"driver lacks capability {missing}"
@@ -176,11 +176,11 @@ def run_check(check: Check, driver, config: RunConfig) -> CheckResult:
         else:
             prop = given(check.cases(driver))(lambda case: check.fn(driver, case))
             seed(check_seed)(_settings(config)(prop))()
-    except NotSupported as e:
-        result.status, result.message = UNSUPPORTED, str(e)
     except hypothesis_errors.Unsatisfiable as e:
         result.status, result.clause, result.message = FAIL, check.clauses[0], f"suite: {e}"
     except Exception as e:  # a ClauseFailure, or the driver crashed where it must not
+        while isinstance(e, ExceptionGroup) and e.exceptions:
+            e = e.exceptions[0]
         result.status = FAIL
         if isinstance(e, ClauseFailure):
             result.clause, result.message = e.clause_id, e.message
@@ -201,11 +201,12 @@ def _apply_expectations(result: CheckResult, check: Check, config: RunConfig) ->
 
 def _clause_table(selected: Iterable[str], results: list[CheckResult]) -> dict[str, dict]:
     titles = spec_clauses()
-    ids = list(titles) + sorted({c for r in results for c in r.clauses} - set(titles))
+    used = {c for r in results for c in (*r.clauses, r.clause) if c}
+    ids = list(titles) + sorted(used - set(titles))
     table = {}
     for cid in ids:
         covering = [r for r in results if cid in r.clauses]
-        violated = [r for r in covering if r.status in (FAIL, XFAIL) and r.clause == cid]
+        violated = [r for r in results if r.status in (FAIL, XFAIL) and r.clause == cid]
         if cid not in selected and not violated:
             continue
         statuses = {r.status for r in covering}
@@ -215,6 +216,8 @@ def _clause_table(selected: Iterable[str], results: list[CheckResult]) -> dict[s
             message = first.message + (f"\n{first.counterexample}" if first.counterexample else "")
         elif statuses & {PASS, XPASS}:
             status, message = PASS, ""
+        elif cid in NOT_APPLICABLE:
+            status, message = NOT_APPLICABLE_STATUS, NOT_APPLICABLE[cid]
         elif not covering:
             status, message = UNCOVERED, "no check covers this clause"
         elif statuses <= {SKIPPED}:
@@ -245,7 +248,8 @@ def run_suite(driver, config: RunConfig | None = None, checks: list[Check] | Non
     results = []
     for check in chosen:
         if _matches(config.skips, check.name, check.clauses[0]):
-            results.append(CheckResult(check.name, check.clauses, SKIPPED, message="skips file"))
+            covered = check.covered(driver.capabilities)
+            results.append(CheckResult(check.name, covered, SKIPPED, message="skips file"))
             continue
         result = run_check(check, driver, config)
         _apply_expectations(result, check, config)
@@ -256,8 +260,7 @@ def run_suite(driver, config: RunConfig | None = None, checks: list[Check] | Non
         for kind, ids in (("skips", config.skips), ("xfails", config.xfails))
     }
     selected = {cid for c in chosen for cid in c.clauses if _matches(patterns, cid, c.name)}
-    if patterns == ["*"]:
-        selected |= set(spec_clauses())
+    selected |= {cid for cid in spec_clauses() if _matches(patterns, cid)}
     versions_fn = getattr(driver, "versions", None)
     versions = dict(versions_fn()) if callable(versions_fn) else {}
     table = _clause_table(selected, results)

@@ -39,9 +39,16 @@ UNKNOWN = "zz"
     "SW-MIXED-2",
     "SW-MERGE-1",
     "SW-MERGE-3",
+    clause_needs={
+        "SW-MIXED-1": {"mixed"},
+        "SW-MIXED-2": {"mixed"},
+        "SW-MERGE-1": {"merge"},
+        "SW-MERGE-3": {"merge"},
+    },
 )
 class OperationSequences(RuleBasedStateMachine):
-    """SW-HISTORY-1 and the state clauses over random operation sequences (see module doc)."""
+    """SW-HISTORY-1, SW-FORWARD-1, SW-ACTIVE-2, SW-ACTIVE-3, SW-BANK-1, SW-BANK-2, SW-MIXED-1,
+    SW-MIXED-2, SW-MERGE-1, SW-MERGE-3 over random operation sequences (see the module doc)."""
 
     def __init__(self, driver):
         super().__init__()
@@ -133,7 +140,9 @@ class OperationSequences(RuleBasedStateMachine):
     @rule(data=st.data(), x_seed=st.integers(0, 2))
     def forward_mixed(self, data, x_seed):
         x = self._x(x_seed, 3)
-        rows = data.draw(st.lists(st.sampled_from([None, *sorted(self.adapters)]), min_size=3, max_size=3))
+        rows = data.draw(
+            st.lists(st.sampled_from([None, *sorted(self.adapters)]), min_size=3, max_size=3)
+        )
         if data.draw(st.booleans(), label="with an unknown row"):
             bad = [*rows[:2], UNKNOWN]
             call = lambda: self.driver.forward_mixed(x, bad)  # noqa: E731

@@ -8,8 +8,10 @@ oracle computes in float64 from the very values the implementation holds).
 Example:
     >>> spec = AdapterSpec(rank=2, alpha=4.0, targets=(0,))
     >>> layers = make_layers((4, 3, 2), seed=0, dtype="float32")
-    >>> [p for p, _, _ in layers], spec.build(layers, seed=1, dtype="float32").scale_at("blocks.0.q")
-    (['blocks.0.q', 'blocks.0.o'], 2.0)
+    >>> [p for p, _, _ in layers]
+    ['blocks.0.q', 'blocks.0.o']
+    >>> spec.build(layers, seed=1, dtype="float32").scale_at("blocks.0.q")
+    2.0
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ __all__ = [
     "RANKS",
     "WIDTH_PRESETS",
     "AdapterSpec",
+    "Scenario",
     "adapter_specs",
     "layer_paths",
     "make_inputs",
     "make_layers",
     "precise_dtype",
-    "Scenario",
     "round_to",
     "scenarios",
     "supported_dtypes",
@@ -107,8 +109,6 @@ class AdapterSpec:
         rank, alpha, rslora: `r`, `lora_alpha`, `use_rslora`.
         targets: indices of the targeted layers (kept if < the model's layer count).
         rank_pattern, alpha_pattern: `(key, value)` pairs in pattern order (SW-SCALE-3).
-        pad_rank: extra zero rank (SW-CONFORM-1); `zero_layers`: add zero A/B for every other
-            layer (SW-CONFORM-2).
     """
 
     rank: int
@@ -212,7 +212,13 @@ def adapter_specs(
         rslora, patterns: force on (True) or off (False); None: draw when supported.
     """
     caps = driver.capabilities
-    rs = st.just(rslora) if rslora is not None else st.booleans() if "rslora" in caps else st.just(False)
+    rs = (
+        st.just(rslora)
+        if rslora is not None
+        else st.booleans()
+        if "rslora" in caps
+        else st.just(False)
+    )
     use_patterns = patterns if patterns is not None else "patterns" in caps
     pat_r = _patterns(ranks) if use_patterns else st.just(())
     pat_a = _patterns(ALPHAS) if use_patterns else st.just(())
@@ -233,7 +239,12 @@ def adapter_specs(
 
 def target_rules() -> st.SearchStrategy:
     """`target_modules` values (a list of names or a regex string, SW-TARGET-1)."""
-    names = st.lists(st.sampled_from(["q", "o", "0.q", "blocks.1.o", "k", "blocks.0"]), min_size=1, max_size=3, unique=True)
+    names = st.lists(
+        st.sampled_from(["q", "o", "0.q", "blocks.1.o", "k", "blocks.0"]),
+        min_size=1,
+        max_size=3,
+        unique=True,
+    )
     regex = st.sampled_from([r"blocks\.\d\.q", r".*o", "all-linear", r"blocks\.1\..*", "q"])
     return st.one_of(names, regex)
 

@@ -243,6 +243,10 @@ def conform(bank: AdapterBank, max_rank: int | None = None) -> AdapterBank:
         >>> conform(AdapterBank()).names
         ()
     """
+    if max_rank is not None and (
+        not isinstance(max_rank, int | np.integer) or isinstance(max_rank, bool) or max_rank < 1
+    ):
+        raise ConfigError(f"`max_rank` must be a positive integer or None, got {max_rank!r}.")
     shapes = _layer_shapes(bank)
     largest = max((w.rank for ad in bank._adapters.values() for w in ad.values()), default=0)
     rank = largest if max_rank is None else int(max_rank)

@@ -19,19 +19,32 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "llama-demo": ("demo_llama", "mixed-adapter batch generation on a tiny Llama, checked per row"),
     "generate": ("generate", "generate from JSONL requests, each on its own adapter"),
     "inspect": ("inspect", "list the adapters of a PEFT directory and whether they load"),
+    "serve": ("serve", "serve many adapters over HTTP with dynamic mixed batching"),
+    "compare": ("compare", "per-request divergence between two adapters, offline"),
+    "bench": ("bench", "benchmarks: switching, overhead, mixed batches, decode, scale vs PEFT"),
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `jaxlora` console script; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="jaxlora", description=__doc__.splitlines()[0])
+    """Entry point of the `jaxlora` console script; returns the exit code.
+
+    Only the module of the command being run is imported, so a command's heavy (or broken)
+    dependencies never affect the others or `jaxlora --help`.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = argparse.ArgumentParser(
+        prog="jaxlora",
+        description="jaxlora: many LoRA adapters on one base model, switched by pure functions.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(f"jaxlora.commands.{module}")
-        mod.add_arguments(cmd)
-        cmd.set_defaults(_run=mod.run)
+        if name == chosen:
+            mod = importlib.import_module(f"jaxlora.commands.{module}")
+            mod.add_arguments(cmd)
+            cmd.set_defaults(_run=mod.run)
     args = parser.parse_args(argv)
     return int(args._run(args) or 0)
 

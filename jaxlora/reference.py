@@ -205,20 +205,19 @@ def combine_linear(adapters: Sequence[RefAdapter], weights: Sequence[float]) -> 
     """SW-COMBINE-2 (raises ValueError on unequal ranks)."""
     out = {}
     for path in _paths_in_order(adapters):
+        ranks = {ad.terms(path)[0].shape[1] for ad in adapters if path in ad.weights}
+        if len(ranks) > 1:
+            raise ValueError(f"linear needs equal ranks at {path}: {sorted(ranks)}")
         a_new = b_new = None
-        ranks = set()
         for ad, wt in zip(adapters, weights, strict=True):
             t = ad.terms(path)
             if t is None:
                 continue
-            ranks.add(t[0].shape[1])
             ci = wt * t[2]
             a_i = math.copysign(math.sqrt(abs(ci)), ci) * t[0] if ci != 0 else 0.0 * t[0]
             b_i = math.sqrt(abs(ci)) * t[1]
             a_new = a_i if a_new is None else a_new + a_i
             b_new = b_i if b_new is None else b_new + b_i
-        if len(ranks) > 1:
-            raise ValueError(f"linear needs equal ranks at {path}: {sorted(ranks)}")
         out[path] = (a_new, b_new)
     return _as_scale_one(out)
 

@@ -22,7 +22,9 @@ class ScaleIgnoredDriver(JaxLoraDriver):
 
     def _to_adapter(self, name, adapter):
         weights = super()._to_adapter(name, adapter)
-        return {p: dataclasses.replace(w, scale=jnp.ones((), jnp.float32)) for p, w in weights.items()}
+        return {
+            p: dataclasses.replace(w, scale=jnp.ones((), jnp.float32)) for p, w in weights.items()
+        }
 
 
 class RsloraIgnoredDriver(JaxLoraDriver):
@@ -48,7 +50,9 @@ class LeakyActiveDriver(ReferenceDriver):
         current = [self._adapters[n] for n in self._active]
         covered = {p for ad in current for p in ad.weights}
         leaked = [
-            dataclasses.replace(ad, weights={p: w for p, w in ad.weights.items() if p not in covered})
+            dataclasses.replace(
+                ad, weights={p: w for p, w in ad.weights.items() if p not in covered}
+            )
             for ad in self._previous
         ]
         return reference.chain_forward(self._layers, x, current + leaked, self._dtype)

@@ -123,8 +123,9 @@ def test_svd_is_the_best_rank_k_approximation(data, case, k):
 @pytest.mark.clause("SW-COMBINE-4", "SW-COMBINE-1")
 @given(data=st.data(), case=cases(max_adapters=2))
 def test_two_active_equal_cat_with_unit_weights(data, case):
-    """SW-COMBINE-4: activating `[n1, n2]` gives the output of the single `cat` combination of
-    `n1, n2` with weights `[1, 1]`, under SW-TOL-1 (and both match the oracle)."""
+    """SW-COMBINE-4, SW-COMBINE-1: activating `[n1, n2]` gives the output of the single `cat`
+    combination of `n1, n2` with weights `[1, 1]`, under SW-TOL-1 (and both match the
+    oracle)."""
     names = data.draw(
         st.lists(st.sampled_from(case.names), min_size=1, max_size=2, unique=True), label="n"
     )

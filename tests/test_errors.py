@@ -172,6 +172,12 @@ CASES: list[tuple[type, str, str, Callable[[World], object]]] = [
     ),
     (
         errors.ConfigError,
+        "SW-CONFORM-1",
+        r"`max_rank` must be a positive integer or None, got 2\.5",
+        lambda w: jaxlora.conform(w.bank, max_rank=2.5),
+    ),
+    (
+        errors.ConfigError,
         "SW-TARGET-1",
         r"matches none of the layers: 'blocks\.0\.q', 'head'",
         lambda w: jaxlora.init_adapter(
@@ -243,15 +249,31 @@ def snapshot(w: World):
     )
 
 
-@pytest.mark.clause("SW-ERROR-1")
+@pytest.mark.clause(
+    "SW-ERROR-1",
+    "SW-ACTIVE-1",
+    "SW-ACTIVE-3",
+    "SW-BANK-1",
+    "SW-BANK-2",
+    "SW-TARGET-1",
+    "SW-TARGET-2",
+    "SW-CONFIG-1",
+    "SW-MIXED-2",
+    "SW-MERGE-4",
+    "SW-NOTATION-1",
+    "SW-CONFORM-1",
+    "SW-CONFORM-3",
+    "SW-COMBINE-1",
+)
 @pytest.mark.parametrize(
     ("error", "clause", "message", "trigger"),
     CASES,
     ids=[f"{c[0].__name__}-{c[1]}-{i}" for i, c in enumerate(CASES)],
 )
 def test_error_names_what_is_wrong_and_changes_nothing(error, clause, message, trigger):
-    """SW-ERROR-1 (with SW-ACTIVE-3, SW-BANK-1, SW-BANK-2, SW-TARGET-1, SW-TARGET-2,
-    SW-CONFIG-1, SW-MIXED-2, SW-MERGE-4): each bad call raises its documented error class, a
+    """SW-ERROR-1 (each case names its own clause: SW-ACTIVE-1, SW-ACTIVE-3, SW-BANK-1,
+    SW-BANK-2, SW-TARGET-1, SW-TARGET-2, SW-CONFIG-1, SW-MIXED-2, SW-MERGE-4, SW-NOTATION-1,
+    SW-CONFORM-1, SW-CONFORM-3, SW-COMBINE-1): each bad call raises its documented error class, a
     JaxLoraError, whose message names the adapter / path / shapes and what exists; the bank, the
     model and the input are unchanged afterwards."""
     world = make_world()
@@ -275,8 +297,9 @@ def test_every_error_class_is_triggered_above():
 
 @pytest.mark.clause("SW-ERROR-1", "SW-ACTIVE-3")
 def test_errors_are_also_the_builtin_kinds():
-    """SW-ERROR-1: the classes also derive from the built-in kind a Python user expects, so a
-    missing name is a KeyError (Mapping.get and `in` work) and messages print unquoted."""
+    """SW-ERROR-1, SW-ACTIVE-3: the classes also derive from the built-in kind a Python user
+    expects, so a missing name is a KeyError (Mapping.get and `in` work) and messages print
+    unquoted."""
     world = make_world()
     assert world.bank.get("gamma") is None and "gamma" not in world.bank
     with pytest.raises(KeyError) as info:

@@ -75,9 +75,9 @@ def test_forward_matches_the_oracle(data, case):
 @pytest.mark.clause("SW-FORWARD-1", "SW-CONFORM-1", "SW-CONFORM-2")
 @given(data=st.data(), case=cases(), extra=st.sampled_from([0, 5]))
 def test_conformed_forward_matches_the_oracle_of_the_original(data, case, extra):
-    """SW-CONFORM-1, SW-CONFORM-2: zero rank padding (also above the largest rank) and zero
-    adapters for the union of targets change no output: the jitted forward over the conformed
-    bank equals the oracle of the original adapters."""
+    """SW-FORWARD-1, SW-CONFORM-1, SW-CONFORM-2: zero rank padding (also above the largest
+    rank) and zero adapters for the union of targets change no output: the jitted forward over
+    the conformed bank equals the oracle of the original adapters."""
     largest = max(w.rank for ad in case.bank.values() for w in ad.values())
     bank = jaxlora.conform(case.bank, max_rank=largest + extra)
     assert {w.rank for ad in bank.values() for w in ad.values()} == {largest + extra}

@@ -33,7 +33,8 @@ ADAPTERS = {
     "wide": {"r": 8, "lora_alpha": 4, "use_rslora": True, "target_modules": "all-linear"},
     "ffn": {"r": 2, "lora_alpha": 6, "target_modules": ["gate_proj", "down_proj"]},
 }
-PROMPTS = [[1, 17, 42, 9, 30], [1, 5], [1, 70, 3, 61], [1, 33, 7], [1, 12]]
+# Two prompt lengths only: fewer shapes to compile for the single-row references.
+PROMPTS = [[1, 17, 42, 9], [1, 5], [1, 70, 3, 61], [1, 33], [1, 12, 8, 40]]
 ROWS = ["wide", None, "default", "ffn", "wide"]
 PAD = 0
 
@@ -87,7 +88,7 @@ def test_rows_equal_their_single_adapter_generation(setup):
     for i, (prompt, name) in enumerate(zip(PROMPTS, ROWS, strict=True)):
         alone = generate(model, bank, [prompt], name, max_new_tokens=8)
         assert alone.rows()[0] == mixed.rows()[i], f"row {i} ({name})"
-    assert mixed.tokens.shape == (len(PROMPTS), 8) and mixed.prompt_len == 5
+    assert mixed.tokens.shape == (len(PROMPTS), 8) and mixed.prompt_len == 4
 
 
 @pytest.mark.clause("SW-GEN-3")
@@ -111,16 +112,16 @@ def test_sampling_is_keyed_and_respects_top_k(setup):
     """SW-GEN-4: same key -> same tokens; top_k=1 is greedy; samples lie in the top k."""
     _, model, bank = setup
     key = jax.random.key(3)
-    kwargs = dict(max_new_tokens=6, temperature=1.5, top_k=3, key=key)
+    kwargs = dict(max_new_tokens=8, temperature=1.5, top_k=3, key=key)
     a = generate(model, bank, PROMPTS, ROWS, **kwargs)
     b = generate(model, bank, PROMPTS, ROWS, **kwargs)
     np.testing.assert_array_equal(a.tokens, b.tokens)
-    greedy = generate(model, bank, PROMPTS, ROWS, max_new_tokens=6)
+    greedy = generate(model, bank, PROMPTS, ROWS, max_new_tokens=8)
     top1 = generate(model, bank, PROMPTS, ROWS, **(kwargs | {"top_k": 1}))
     np.testing.assert_array_equal(top1.tokens, greedy.tokens)
     conformed = jaxlora.conform(bank)
-    for i in (0, 3):  # every prefix of the sampled row in one left-padded forward
-        prefixes = [PROMPTS[i] + a.tokens[i, :t].tolist() for t in range(6)]
+    for i in (0, 2):  # every prefix of the sampled row in one left-padded forward
+        prefixes = [PROMPTS[i] + a.tokens[i, :t].tolist() for t in range(8)]
         ids, mask = _left_padded(prefixes)
         lora = jaxlora.select(conformed, ROWS[i])
         last = np.asarray(forward(model, ids, attention_mask=mask, lora=lora))[:, -1]

@@ -136,6 +136,8 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path):
         steps.append(np.asarray(logits))
     assert_close_at_real_tokens(np.concatenate(steps, axis=1), full.astype(np.float64))
     assert int(cache.index) == 8 and np.asarray(cache.next_pos).tolist() == [8, 5]
+    with pytest.raises(ShapeMismatchError, match="10 slots and 8 are used"):
+        forward_with_cache(model, TOKENS[:, :3], cache)
 
 
 # -- errors (SW-LLAMA-2) -------------------------------------------------------------------------

@@ -336,11 +336,11 @@ def _redos_weights(module: str) -> bytes:
 @pytest.mark.parametrize("field", ["target_modules", "rank_pattern"])
 def test_regex_from_a_file_cannot_hang_the_loader(field):
     """SW-SAFE-1: a config regex with catastrophic backtracking against a module name chosen
-    by the same file must not hang the loader (bound: 5 s; a normal load takes milliseconds)."""
+    by the same file must not hang the loader (bound: 2 s; a normal load takes milliseconds)."""
     pattern = "(a|aa)*c"
     value = pattern if field == "target_modules" else {pattern: 2}
     config = json.dumps({"r": 2, "lora_alpha": 2, field: value}).encode()
-    check_files(_redos_weights("a" * 60), config, seconds=5)
+    check_files(_redos_weights("a" * 60), config, seconds=2)
 
 
 @pytest.mark.clause("SW-SAFE-1")

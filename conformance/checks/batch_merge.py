@@ -22,9 +22,9 @@ _WEIGHTS = (1.0, 0.5, -1.0, 2.0)
 def _mixed_cases(draw, driver):
     sc = draw(scenarios(driver, n_adapters=(1, 3), batches=(2, 4)))
     rows = draw(
-        st.lists(
-            st.sampled_from([None, *sc.names()]), min_size=sc.batch, max_size=sc.batch
-        ).filter(lambda r: any(n is not None for n in r))
+        st.lists(st.sampled_from([None, *sc.names()]), min_size=sc.batch, max_size=sc.batch).filter(
+            lambda r: any(n is not None for n in r)
+        )
     )
     return sc, rows
 
@@ -68,7 +68,7 @@ def _activate(driver, names: list[str]) -> None:
 
 @clause("SW-MERGE-1", needs={"merge"}, cases=lambda d: scenarios(d, n_adapters=(1, 2)))
 def check_merge(driver, sc: Scenario) -> None:
-    """SW-MERGE-1: merged kernels are W + sum s_i A_i B_i; the merged model equals the active one."""
+    """SW-MERGE-1: merged kernels are W + sum s_i A_i B_i; merged model == active adapters."""
     adapters = load(driver, sc)
     layers, x = sc.layers(), sc.x()
     names = _active(driver, sc)
@@ -187,7 +187,8 @@ def check_combine_linear(driver, case) -> None:
     _check_combination(driver, sc, weights, "linear", reference.combine_linear, "SW-COMBINE-2")
     a0 = sc.adapter(0)
     path, (a, b) = next(iter(a0.weights.items()))
-    wider = type(a0)(a0.r + 1, a0.lora_alpha, {path: (np.pad(a, ((0, 0), (0, 1))), np.pad(b, ((0, 1), (0, 0))))})
+    padded = (np.pad(a, ((0, 0), (0, 1))), np.pad(b, ((0, 1), (0, 0))))
+    wider = type(a0)(a.shape[1] + 1, a0.lora_alpha, {path: padded})  # rank + 1 at `path`
     driver.add_adapter("wider", wider)
     call = lambda: driver.combine("bad", ["a0", "wider"], [1.0, 1.0], "linear")  # noqa: E731
     expect_error("SW-COMBINE-2", driver, call, "linear with unequal ranks")
@@ -205,7 +206,11 @@ def check_combine_svd(driver, case) -> None:
     exact = reference.combine_cat(list(adapters.values()), weights[: len(adapters)])
     for path, (a, b) in exact.weights.items():  # a unique best rank-k needs a singular-value gap
         s = np.linalg.svd(a @ b, compute_uv=False)
-        kk = k if k is not None else max(ad.rank_at(path) for ad in adapters.values() if path in ad.weights)
+        kk = (
+            k
+            if k is not None
+            else max(ad.rank_at(path) for ad in adapters.values() if path in ad.weights)
+        )
         assume(kk >= len(s) or s[kk - 1] - s[kk] > 1e-2 * (1 + s[0]))
     make = lambda ads, ws: reference.combine_svd(ads, ws, k)  # noqa: E731
     _check_combination(driver, sc, weights, "svd", make, "SW-COMBINE-3", svd_rank=k)

@@ -23,7 +23,9 @@ def _single(driver, sc: Scenario, clause_id: str, what: str) -> None:
     adapters = load(driver, sc)
     driver.set_active("a0")
     x = sc.x()
-    expect_close(clause_id, driver.forward(x), oracle(sc.layers(), x, [adapters["a0"]]), sc.dtype, what)
+    expect_close(
+        clause_id, driver.forward(x), oracle(sc.layers(), x, [adapters["a0"]]), sc.dtype, what
+    )
 
 
 @clause(
@@ -54,7 +56,9 @@ def check_rank_alpha_patterns(driver, sc: Scenario) -> None:
 @st.composite
 def _target_cases(draw):
     paths = layer_paths(draw(st.integers(2, 4)))
-    exclude = draw(st.one_of(st.none(), st.lists(st.sampled_from(["q", "o", "blocks.0.q"]), max_size=1)))
+    exclude = draw(
+        st.one_of(st.none(), st.lists(st.sampled_from(["q", "o", "blocks.0.q"]), max_size=1))
+    )
     return paths, draw(target_rules()), exclude or None
 
 
@@ -110,11 +114,15 @@ def check_untargeted_layers(driver, sc: Scenario) -> None:
     x = sc.x()
     for i, name in enumerate(sc.names()):
         spec = sc.adapters[i]
-        ref = dataclasses.replace(spec, targets=spec.targets[-1:]).build(layers, sc.seed + i, sc.dtype)
+        ref = dataclasses.replace(spec, targets=spec.targets[-1:]).build(
+            layers, sc.seed + i, sc.dtype
+        )
         driver.add_adapter(name, ref)
         driver.set_active(name)
         want = oracle(layers, x, [ref])
-        expect_close("SW-FORWARD-2", driver.forward(x), want, sc.dtype, f"{name} targets {list(ref.weights)}")
+        expect_close(
+            "SW-FORWARD-2", driver.forward(x), want, sc.dtype, f"{name} targets {list(ref.weights)}"
+        )
 
 
 def _dtype_cases(driver):

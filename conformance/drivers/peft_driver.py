@@ -8,8 +8,8 @@ to PEFT's public API, so the suite reports what PEFT does, deviations included:
 |---------------------|-------------------------------------------------------------------|
 | add_adapter         | `get_peft_model` (first) / `add_adapter`, `init_lora_weights=False`,|
 |                     | then `lora_A = A^T`, `lora_B = B^T` copied in                     |
-| set_active(name)    | `PeftModel.set_adapter(name)`                                     |
-| set_active([..])    | `model.base_model.set_adapter([...])`                             |
+| set_active(name)    | `PeftModel.set_adapter(name)` (also for a one-name list)          |
+| set_active([a, b])  | `model.base_model.set_adapter([a, b])`                            |
 | set_active(None)    | forward inside `with model.disable_adapter():` (PEFT has no       |
 |                     | "no active adapter" state; the driver keeps this one flag)        |
 | forward_mixed       | `model(x, adapter_names=[...])`, `"__base__"` for None rows       |
@@ -205,8 +205,9 @@ class PeftDriver:
         if active is None or (not isinstance(active, str) and len(active) == 0):
             self._disabled = True
             return
-        if isinstance(active, str):
-            self._require_model(active).set_adapter(active)
+        if isinstance(active, str) or len(active) == 1:
+            name = active if isinstance(active, str) else active[0]
+            self._require_model(name).set_adapter(name)
         else:
             self._require_model(active[0]).base_model.set_adapter(list(active))
         self._disabled = False

@@ -119,7 +119,9 @@ class ReferenceDriver:
         if f"dtype:{dtype}" not in self.capabilities:
             raise ConfigError(f"the reference driver computes in float64/float32, not {dtype!r}.")
         self._dtype = np.dtype(dtype)
-        self._layers = [(p, np.array(w, self._dtype), np.array(c, self._dtype)) for p, w, c in layers]
+        self._layers = [
+            (p, np.array(w, self._dtype), np.array(c, self._dtype)) for p, w, c in layers
+        ]
         self._merged = None
         self._adapters = {}
         self._active = ()

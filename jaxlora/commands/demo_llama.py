@@ -148,7 +148,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _rows() -> tuple[list[list[int]], list[str | None]]:
-    prompts = [[1, 17, 42, 9], [1, 5], [1, 88, 3, 61, 27, 4], [1, 33, 7], [1, 99, 12], [1, 64]]
+    # Two prompt lengths (left padding in the batch, few shapes for the single-row references).
+    prompts = [
+        [1, 17, 42, 9, 5],
+        [1, 5, 8],
+        [1, 88, 3, 61, 27],
+        [1, 33, 7],
+        [1, 99, 12],
+        [1, 64, 4],
+    ]
     adapters: list[str | None] = ["default", None, "wide-rs", "mlp-only", "attn-pattern", "wide-rs"]
     return prompts, adapters
 

@@ -303,6 +303,11 @@ def check_lora(model: Llama, lora: Lora, batch: int) -> None:
                 )
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "method"))
+def _run_jit(graphdef, state, tokens, cache, mask, lora, method):
+    return nnx.merge(graphdef, state).run(tokens, cache, mask, lora, method)
+
+
 def forward_with_cache(
     model: Llama,
     tokens: Array,
@@ -312,15 +317,28 @@ def forward_with_cache(
     lora: Lora = (),
     method: str = "auto",
 ) -> tuple[Array, KVCache]:
-    """Eager forward that writes into `cache`; returns `(logits [B, T, V], new cache)`."""
-    tokens = jnp.asarray(tokens)
+    """Jit-compiled forward that writes `tokens [B, T]` into `cache` (spec SW-LLAMA-6).
+
+    Returns `(logits [B, T, vocab], new cache)`; the input cache is not modified.
+
+    Example:
+        >>> model = Llama.random(LlamaConfig(64, 16, 32, 1, 2, 1, 8))
+        >>> cache = init_cache(model.config, 1, 8, model.dtype)
+        >>> logits, cache = forward_with_cache(model, jnp.asarray([[1, 2, 3]]), cache)
+        >>> int(cache.index), logits.shape
+        (3, (1, 3, 64))
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
     check_lora(model, lora, tokens.shape[0])
-    if cache.index.shape != () or tokens.shape[1] > cache.valid.shape[1]:
+    room = cache.valid.shape[1] - int(cache.index)
+    if tokens.shape[1] > room:
         raise ShapeMismatchError(
-            f"{tokens.shape[1]} tokens do not fit a cache of {cache.valid.shape[1]} slots."
+            f"{tokens.shape[1]} tokens do not fit: the cache has {cache.valid.shape[1]} slots "
+            f"and {int(cache.index)} are used; make it with init_cache(..., max_len=...) larger."
         )
     mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask
-    return model.run(tokens, cache, jnp.asarray(mask), lora, method)
+    graphdef, state = nnx.split(model)
+    return _run_jit(graphdef, state, tokens, cache, jnp.asarray(mask, bool), lora, method)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "method"))

@@ -1,0 +1,106 @@
+"""Workload 4, decode step: one generated token (KV cache) for a batch whose rows all differ.
+
+Each variant prefills a `batch x seq` prompt into its own `KVCache`, then one timed call is one
+jitted decode step (`Llama.run` on one token per row, the cache donated, as in `generate`'s
+decode loop). Variants: `base` (no LoRA), `single` (one adapter for every row), and `mixed/<method>`
+with row `i` on adapter `i` (`batch` distinct adapters, rank `rank`, all 7 projections).
+Check first (spec SW-BENCH-2): row 0 of every mixed step equals row 0 of the single-adapter step
+(the same adapter).
+
+Run: `python -m benchmarks --only decode`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import jaxlora
+from jaxlora.models import Routed, init_cache
+
+from ._harness import ratio, time_interleaved
+from ._setup import Setup, agreement, tol_check
+
+__all__ = ["NAME", "TARGETS", "run"]
+
+NAME = "decode"
+
+TARGETS: dict[str, tuple[str, float]] = {}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "method"), donate_argnames=("cache",))
+def _step(graphdef, state, tokens, cache, lora, method):
+    model = nnx.merge(graphdef, state)
+    return model.run(tokens, cache, jnp.ones(tokens.shape, bool), lora, method)
+
+
+def _chain(model, prompt, max_len: int, lora, method: str):
+    """A zero-argument callable doing one decode step per call on its own (donated) cache."""
+    graphdef, state = nnx.split(model)
+    cache = init_cache(model.config, prompt.shape[0], max_len, model.dtype)
+    _, cache = _step(graphdef, state, prompt, cache, lora, method)
+    held = {"cache": cache}
+    token = jnp.ones((prompt.shape[0], 1), jnp.int32)
+
+    def step() -> Any:
+        logits, held["cache"] = _step(graphdef, state, token, held["cache"], lora, method)
+        return logits
+
+    return step
+
+
+def run(setup: Setup) -> dict[str, Any]:
+    """Run the workload; returns the report."""
+    cfg, model = setup.config, setup.model
+    bank = jaxlora.AdapterBank(
+        {f"d{i}": setup.random_adapter_arrays(cfg.rank, seed=100 + i) for i in range(cfg.batch)}
+    )
+    stacked = jaxlora.stack(bank)
+    routed = Routed(stacked, jnp.arange(cfg.batch, dtype=jnp.int32))
+    prompt = jnp.asarray(setup.tokens(cfg.batch, cfg.seq))
+    max_len = cfg.seq + 1 + cfg.warmup + cfg.repeats
+    chains = {
+        "base": _chain(model, prompt, max_len, (), "auto"),
+        "single": _chain(model, prompt, max_len, jaxlora.select(bank, "d0"), "auto"),
+    }
+    for method in cfg.methods:
+        chains[f"mixed/{method}"] = _chain(model, prompt, max_len, routed, method)
+    first = {name: fn() for name, fn in chains.items()}
+    checks = {
+        f"{name}_row0_equals_single": tol_check(agreement(first[name][0], first["single"][0]))
+        for name in chains
+        if name.startswith("mixed/")
+    }
+    timings = time_interleaved(chains, warmup=cfg.warmup, repeats=cfg.repeats)
+    base_s = timings["base"].median_s
+    rows = [
+        {
+            "variant": name,
+            "median_ms": t.median_s * 1e3,
+            "min_ms": t.min_s * 1e3,
+            "vs_base": ratio(t.median_s, base_s),
+            "tokens_per_s": ratio(cfg.batch, t.median_s),
+        }
+        for name, t in timings.items()
+    ]
+    mixed = {n: t.median_s for n, t in timings.items() if n.startswith("mixed/")}
+    ratios = {
+        "single_vs_base": ratio(timings["single"].median_s, base_s),
+        "best_mixed_vs_base": ratio(min(mixed.values()), base_s),
+    }
+    if "mixed/auto" in mixed:
+        ratios["mixed_auto_vs_base"] = ratio(mixed["mixed/auto"], base_s)
+    return {
+        "description": (
+            f"one decode step, {cfg.batch} rows each on a different adapter (rank {cfg.rank}), "
+            f"prompt {cfg.seq} tokens, cache {max_len} slots"
+        ),
+        "results": rows,
+        "ratios": ratios,
+        "checks": checks,
+        "timings": {k: t.as_json() for k, t in timings.items()},
+    }

@@ -1,0 +1,203 @@
+"""The `jaxlora llama-demo`, `generate` and `inspect` commands (specs/model.md, SW-CLI-*)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import re
+import shutil
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+import jaxlora
+import jaxlora.generate as generate_module
+from jaxlora import cli
+from jaxlora.commands.demo_llama import DEMO_ADAPTERS, DEMO_MODEL
+from jaxlora.models import load_llama
+
+MINE = ("llama-demo", "generate", "inspect")
+
+
+@pytest.fixture(autouse=True)
+def only_these_commands(monkeypatch):
+    # cli.main imports every registered command module; test ours independently of the others.
+    monkeypatch.setattr(cli, "COMMANDS", {k: cli.COMMANDS[k] for k in MINE})
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """`jaxlora llama-demo` on a fresh cache directory: (root, exit code, stdout)."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXLORA_CACHE", str(root))
+        mp.setattr(cli, "COMMANDS", {k: cli.COMMANDS[k] for k in MINE})
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = cli.main(["llama-demo"])
+    return root, code, out.getvalue()
+
+
+@pytest.mark.clause("SW-CLI-1")
+def test_llama_demo_on_a_fresh_cache(demo):
+    """SW-CLI-1: every row matches its single-adapter generation; decode compiled once."""
+    root, code, out = demo
+    assert code == 0, out
+    assert (root / "llama" / "config.json").is_file()
+    assert (root / "adapters" / "adapter_config.json").is_file()
+    rows = [line for line in out.splitlines() if re.match(r"\s+\d+\s", line)]
+    assert len(rows) == 6 and all(line.rstrip().endswith("yes") for line in rows)
+    for name in DEMO_ADAPTERS:
+        assert any(f" {name} " in line for line in rows), name
+    assert any("(base)" in line for line in rows)
+    assert re.search(r"decode-step compiles .*: 1$", out, re.M)
+    assert re.search(r"tokens/s: \d", out)
+
+
+@pytest.mark.clause("SW-CLI-1")
+def test_llama_demo_reuses_its_cache_and_fails_on_mismatch(demo, monkeypatch, capsys):
+    """SW-CLI-1: a second run reuses the files; a row that differs makes the exit status 1."""
+    root, _, _ = demo
+    stamp = (root / "llama" / "model.safetensors").stat().st_mtime_ns
+    real = generate_module.generate
+
+    def corrupt_single_rows(model, bank, prompts, adapters=None, **kw):
+        out = real(model, bank, prompts, adapters, **kw)
+        if isinstance(adapters, str) or adapters is None:  # the single-adapter reference runs
+            out.tokens[:, 0] = (out.tokens[:, 0] + 1) % DEMO_MODEL["vocab_size"]
+        return out
+
+    monkeypatch.setattr(generate_module, "generate", corrupt_single_rows)
+    monkeypatch.setenv("JAXLORA_CACHE", str(root))
+    assert cli.main(["llama-demo"]) == 1  # same shapes as the first run: no new compiles
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.err and " NO" in captured.out
+    assert (root / "llama" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def _write_lines(path, objects):
+    path.write_text("".join((o if isinstance(o, str) else json.dumps(o)) + "\n" for o in objects))
+    return path
+
+
+@pytest.mark.clause("SW-CLI-2")
+def test_generate_command_writes_results_equal_to_generate(demo, tmp_path, capsys):
+    """SW-CLI-2: each JSONL result equals jaxlora.generate for that request; progress on stderr."""
+    root, _, _ = demo
+    requests = [
+        {"tokens": [1, 17, 42], "adapter": "chat", "max_new_tokens": 5, "id": "a"},
+        {"tokens": [1, 5], "max_new_tokens": 3},
+        {"tokens": [1, 88, 3, 61], "adapter": "rs", "max_new_tokens": 6},
+        {"tokens": [1, 33], "adapter": "chat"},
+    ]
+    _write_lines(tmp_path / "in.jsonl", requests)
+    adapters = {"chat": root / "adapters", "rs": root / "adapters" / "wide-rs"}
+    argv = ["generate", "--model", str(root / "llama"), "--requests", str(tmp_path / "in.jsonl")]
+    argv += ["--out", str(tmp_path / "out.jsonl"), "--batch-size", "3", "--max-new-tokens", "4"]
+    for name, directory in adapters.items():
+        argv += ["--adapter", f"{name}={directory}"]
+    assert cli.main(argv) == 0
+    assert "4/4 requests" in capsys.readouterr().err
+    results = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    model = load_llama(root / "llama")
+    bank = jaxlora.AdapterBank()
+    for name, directory in adapters.items():
+        bank = bank.add(name, jaxlora.io.load_peft_adapter(directory)[0])
+    # One mixed batch as the peer: rows are independent (SW-GEN-1), so a row generated to 6
+    # tokens and cut at the request's limit is that request's generation.
+    expected = generate_module.generate(
+        model,
+        bank,
+        [r["tokens"] for r in requests],
+        [r.get("adapter") for r in requests],
+        max_new_tokens=6,
+        stop_tokens=[DEMO_MODEL["eos_token_id"]],
+    ).rows()
+    for i, (req, res) in enumerate(zip(requests, results, strict=True)):
+        assert res["index"] == i, res
+        assert res["tokens"] == expected[i][: req.get("max_new_tokens", 4)], (req, res)
+        assert res["adapter"] == req.get("adapter") and res["prompt_tokens"] == len(req["tokens"])
+    assert results[0]["id"] == "a" and "id" not in results[1]
+
+
+@pytest.mark.clause("SW-CLI-2")
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ("{not json", "line 2: not valid JSON"),
+        ({"tokens": [1], "adapter": "nope"}, "line 2: unknown adapter 'nope'"),
+        ({"text": "hello"}, "line 2: `text` needs a tokenizer"),
+        ({"tokens": "1 2"}, "line 2: `tokens` must be a list of ints"),
+        ({"tokens": [1], "max_new_tokens": 0}, "line 2: `max_new_tokens` must be a positive"),
+    ],
+)
+def test_generate_command_rejects_bad_lines(demo, tmp_path, capsys, line, words):
+    """SW-CLI-2: a malformed request fails with status 2, naming the line; nothing written."""
+    root, _, _ = demo
+    _write_lines(tmp_path / "in.jsonl", [{"tokens": [1, 2]}, line])
+    argv = [
+        "generate",
+        "--model",
+        str(root / "llama"),
+        "--requests",
+        str(tmp_path / "in.jsonl"),
+        "--out",
+        str(tmp_path / "out.jsonl"),
+    ]
+    assert cli.main(argv) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+    assert cli.main([*argv, "--adapter", "oops"]) == 2
+    assert "--adapter expects NAME=DIR, got 'oops'" in capsys.readouterr().err
+
+
+@pytest.mark.clause("SW-CLI-3")
+def test_inspect_lists_every_adapter(demo, tmp_path, capsys):
+    """SW-CLI-3: ranks, alphas, scales and parameter counts follow the PEFT configs."""
+    root, _, _ = demo
+    assert cli.main(["inspect", str(root / "adapters"), "--model", str(root / "llama")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(table) == set(DEMO_ADAPTERS)
+    shapes = load_llama(root / "llama").lora_shapes()
+    for name, spec in DEMO_ADAPTERS.items():
+        cfg = jaxlora.LoraConfig(**{k: v for k, v in spec.items() if k != "target_modules"})
+        targets = spec["target_modules"]
+        paths = [p for p in shapes if targets == "all-linear" or p.rsplit(".", 1)[1] in targets]
+        ranks = sorted({cfg.rank_for(p) for p in paths})
+        alphas = sorted({cfg.alpha_for(p) for p in paths})
+        params = sum((shapes[p][0] + shapes[p][1]) * cfg.rank_for(p) for p in paths)
+        scales = sorted({round(cfg.scale_for(p), 6) for p in paths})
+        _, _, rank_col, alpha_col, scale_col, param_col, dtype, loads = table[name][:8]
+        assert rank_col == ",".join(map(str, ranks))
+        assert [float(a) for a in alpha_col.split(",")] == alphas
+        assert [float(s) for s in scale_col.split(",")] == pytest.approx(scales, rel=1e-5)
+        assert int(param_col) == params and dtype == "float32" and loads == "yes"
+    assert math.isclose(float(table["wide-rs"][4]), 4 / math.sqrt(8), rel_tol=1e-5)
+
+
+@pytest.mark.clause("SW-CLI-3")
+def test_inspect_reports_adapters_that_do_not_load(demo, tmp_path, capsys):
+    """SW-CLI-3: a corrupt adapter is listed with the reason and the exit status is 1."""
+    root, _, _ = demo
+    copy = shutil.copytree(root / "adapters", tmp_path / "adapters")
+    (copy / "mlp-only" / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    assert cli.main(["inspect", str(copy)]) == 1
+    out = capsys.readouterr().out
+    bad = next(line for line in out.splitlines() if line.startswith("mlp-only"))
+    assert "NO:" in bad and "adapter_model.safetensors" in bad
+    assert sum(line.rstrip().endswith("layers)") for line in out.splitlines()) == 3
+
+
+@pytest.mark.clause("SW-CLI-4")
+@pytest.mark.parametrize("command", MINE)
+def test_every_command_has_help(command, capsys):
+    """SW-CLI-4: `--help` prints the usage and exits 0."""
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--help"])
+    assert info.value.code == 0
+    assert f"usage: jaxlora {command}" in capsys.readouterr().out
