@@ -1,11 +1,12 @@
 """Workload 4, decode step: one generated token (KV cache) for a batch whose rows all differ.
 
-Each variant prefills a `batch x seq` prompt into its own `KVCache`, then one timed call is one
-jitted decode step (`Llama.run` on one token per row, the cache donated, as in `generate`'s
-decode loop). Variants: `base` (no LoRA), `single` (one adapter for every row), and `mixed/<method>`
-with row `i` on adapter `i` (`batch` distinct adapters, rank `rank`, all 7 projections).
+Each variant gets its own copy of a `KVCache` holding a `batch x seq` prompt (random keys and
+values: the step's cost does not depend on them); one timed call is one jitted decode step
+(`Llama.run` on one token per row, the cache donated, as in `generate`'s decode loop).
+Variants: `base` (no LoRA), `single` (one adapter for every row), and `mixed/<method>` with row
+`i` on adapter `i` (`batch` distinct adapters, rank `rank`, all 7 projections).
 Check first (spec SW-BENCH-2): row 0 of every mixed step equals row 0 of the single-adapter step
-(the same adapter).
+(the same adapter, the same cache).
 
 Run: `python -m benchmarks --only decode`.
 """
@@ -20,12 +21,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxlora
-from jaxlora.models import Routed, init_cache
+from jaxlora.models import KVCache, Routed
 
 from ._harness import ratio, time_interleaved
 from ._setup import Setup, agreement, tol_check
 
-__all__ = ["NAME", "TARGETS", "run"]
+__all__ = ["NAME", "TARGETS", "prompt_cache", "run"]
 
 NAME = "decode"
 
@@ -38,13 +39,29 @@ def _step(graphdef, state, tokens, cache, lora, method):
     return model.run(tokens, cache, jnp.ones(tokens.shape, bool), lora, method)
 
 
-def _chain(model, prompt, max_len: int, lora, method: str):
+def prompt_cache(model, batch: int, prompt_len: int, max_len: int, seed: int) -> KVCache:
+    """A cache holding `prompt_len` tokens per row (random keys/values), room for the rest.
+
+    The decode step's cost does not depend on what the cache holds (attention runs over every
+    slot, masked), so a filled cache stands in for a prefill and saves a compilation per variant.
+    """
+    cfg = model.config
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return KVCache(
+        jax.random.normal(k1, shape, model.dtype),
+        jax.random.normal(k2, shape, model.dtype),
+        jnp.broadcast_to(jnp.arange(max_len) < prompt_len, (batch, max_len)),
+        jnp.asarray(prompt_len, jnp.int32),
+        jnp.full((batch,), prompt_len, jnp.int32),
+    )
+
+
+def _chain(model, cache: KVCache, lora, method: str):
     """A zero-argument callable doing one decode step per call on its own (donated) cache."""
     graphdef, state = nnx.split(model)
-    cache = init_cache(model.config, prompt.shape[0], max_len, model.dtype)
-    _, cache = _step(graphdef, state, prompt, cache, lora, method)
-    held = {"cache": cache}
-    token = jnp.ones((prompt.shape[0], 1), jnp.int32)
+    held = {"cache": jax.tree_util.tree_map(jnp.copy, cache)}
+    token = jnp.ones((cache.k.shape[1], 1), jnp.int32)
 
     def step() -> Any:
         logits, held["cache"] = _step(graphdef, state, token, held["cache"], lora, method)
@@ -61,14 +78,14 @@ def run(setup: Setup) -> dict[str, Any]:
     )
     stacked = jaxlora.stack(bank)
     routed = Routed(stacked, jnp.arange(cfg.batch, dtype=jnp.int32))
-    prompt = jnp.asarray(setup.tokens(cfg.batch, cfg.seq))
     max_len = cfg.seq + 1 + cfg.warmup + cfg.repeats
+    cache = prompt_cache(model, cfg.batch, cfg.seq, max_len, cfg.seed)
     chains = {
-        "base": _chain(model, prompt, max_len, (), "auto"),
-        "single": _chain(model, prompt, max_len, jaxlora.select(bank, "d0"), "auto"),
+        "base": _chain(model, cache, (), "auto"),
+        "single": _chain(model, cache, jaxlora.select(bank, "d0"), "auto"),
     }
     for method in cfg.methods:
-        chains[f"mixed/{method}"] = _chain(model, prompt, max_len, routed, method)
+        chains[f"mixed/{method}"] = _chain(model, cache, routed, method)
     first = {name: fn() for name, fn in chains.items()}
     checks = {
         f"{name}_row0_equals_single": tol_check(agreement(first[name][0], first["single"][0]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ def write_plot(report: Mapping[str, Any], path: Path) -> Path:
     machine = report.get("machine", {})
     load = machine.get("load_average") or []
     ax.set_title(
-        f"{report.get('description', '')[:70]}\n{machine.get('backend', '?')}, "
+        f"{textwrap.fill(report.get('description', ''), 100)}\n{machine.get('backend', '?')}, "
         f"{machine.get('cpu_count', '?')} CPUs, load average "
         f"{', '.join(f'{x:.1f}' for x in load) or '?'}",
         fontsize=8,

@@ -18,9 +18,10 @@ import tempfile
 from pathlib import Path
 
 from .loader import BUILTIN, DriverLoadError, DriverUnavailable, load_driver
+from .markdown import previous_explanations, render_markdown
 from .runner import FAIL, Report, RunConfig, read_id_file, run_suite
 
-__all__ = ["format_table", "main", "write_json"]
+__all__ = ["format_table", "main", "write_json", "write_text"]
 
 _MARK = {"pass": "PASS", "fail": "FAIL", "xfail": "xfail", "xpass": "XPASS"}
 
@@ -65,21 +66,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skips", default=None, metavar="FILE", help="ids to skip, one per line")
     p.add_argument("--xfails", default=None, metavar="FILE", help="ids expected to fail")
     p.add_argument("--json", default=None, metavar="FILE", help="write the JSON report here")
+    p.add_argument(
+        "--markdown",
+        default=None,
+        metavar="FILE",
+        help="write a Markdown deviation report here (keeps the explanations already in FILE)",
+    )
     return p
 
 
-def write_json(path: str | Path, data: dict) -> None:
-    """Write `data` as JSON atomically (temp file + `os.replace`)."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` atomically (temp file + `os.replace`)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write `data` as JSON atomically."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def _short(text: str, limit: int) -> str:
@@ -96,7 +107,7 @@ def format_table(report: Report) -> str:
     for cid, entry in report.clauses.items():
         status = _MARK.get(entry["status"], entry["status"])
         detail = _short(entry["message"].split("\n")[0], 70) if entry["status"] != "pass" else ""
-        lines.append(f"  {cid:<{width}}  {status:<13}  {_short(entry['title'], 40):<40}  {detail}")
+        lines.append(f"  {cid:<{width}}  {status:<14}  {_short(entry['title'], 40):<40}  {detail}")
     failures = [c for c in report.checks if c.status == FAIL]
     for check in failures:
         lines += ["", f"FAIL {check.clause} in {check.name}: {check.message}"]
@@ -142,4 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(report))
     if args.json:
         write_json(args.json, report.to_json())
+    if args.markdown:
+        command = list(sys.argv[1:] if argv is None else argv)
+        text = render_markdown(report, command, previous_explanations(args.markdown))
+        write_text(args.markdown, text)
     return 1 if report.failed else 0

@@ -359,4 +359,20 @@ def stack(bank: AdapterBank, names: Sequence[str] | None = None) -> StackedBank:
         )
         for path in ref
     }
+    _refuse_non_finite(weights, names, adapters)
     return StackedBank(weights, names)
+
+
+def _refuse_non_finite(
+    weights: dict[str, LoraWeights], names: tuple[str, ...], adapters: list[dict]
+) -> None:
+    """SW-NUM-3: a NaN/Inf slot would reach other rows through kernels that contract over all
+    slots (`onehot`, `ragged`: 0 * NaN = NaN), so stacking refuses it. One reduction per
+    stacked array and one host transfer; the slow, naming check runs only on failure."""
+    flags = [jnp.all(jnp.isfinite(x)) for w in weights.values() for x in (w.a, w.b, w.scale)]
+    if not flags or bool(np.all(np.asarray(jnp.stack(flags)))):
+        return
+    from .numerics import check_finite  # numerics imports this module
+
+    for name, adapter in zip(names, adapters, strict=True):
+        check_finite(adapter, name=name)

@@ -41,6 +41,7 @@ from .errors import (
     TargetNotFoundError,
     format_names,
 )
+from .numerics import check_finite
 from .weights import Adapter, LoraWeights
 
 __all__ = ["replace_slot", "slot_weights"]
@@ -148,6 +149,7 @@ def replace_slot(
             f"cannot name slot {index} {new_name!r}: slot {stacked.names.index(new_name)} "
             f"already holds that name. Slots: {format_names(stacked.names)}."
         )
+    check_finite(adapter, name=new_name)  # SW-NUM-3: a NaN slot would reach other rows
     row = slot_weights(stacked, adapter, label=f"adapter {new_name!r}")
     write = _write_donated if donate else _write_copy
     weights = write(stacked.weights, jnp.asarray(index, jnp.int32), row)

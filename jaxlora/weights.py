@@ -191,6 +191,7 @@ class LoraConfig:
                 _check_regex(f"{field_name} key", key)
         for field_name in ("target_modules", "exclude_modules"):
             value = getattr(self, field_name)
+            _check_module_names(field_name, value)
             if isinstance(value, str) and value != "all-linear":
                 _check_regex(field_name, value)
         refused = {
@@ -232,14 +233,68 @@ def _is_finite_number(value: Any) -> bool:
     )
 
 
+#: Longest regex accepted from a config: backtracking cost grows polynomially with length.
+MAX_PATTERN_LENGTH = 1000
+
+
+def _repeats_nest(items: Any, inside: bool = False) -> bool:
+    """Whether a parsed regex has a repeat inside a repeat, or alternatives inside a repeat:
+    the shapes (`(a+)+`, `(a|aa)*`) whose backtracking takes exponential time."""
+    from re import _constants as c  # CPython's regex parser (3.11+)
+
+    for op, av in items:
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+            _, high, sub = av
+            many = high > 1
+            if (inside and many) or _repeats_nest(sub, inside or many):
+                return True
+        elif op is c.BRANCH:
+            if inside and len(av[1]) > 1:
+                return True
+            if any(_repeats_nest(branch, inside) for branch in av[1]):
+                return True
+        elif op is c.SUBPATTERN:
+            if _repeats_nest(av[-1], inside):
+                return True
+        elif op in (c.ASSERT, c.ASSERT_NOT) and _repeats_nest(av[1], inside):
+            return True
+    return False
+
+
 def _check_regex(what: str, pattern: str) -> None:
+    """A valid regex that cannot backtrack exponentially (spec SW-SAFE-1, SW-CONFIG-1)."""
+    from re import _parser
+
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise ConfigError(
+            f"LoraConfig: {what} is {len(pattern)} characters long; at most "
+            f"{MAX_PATTERN_LENGTH} are accepted. Use a list of module names instead."
+        )
     try:
-        re.compile(pattern)
+        parsed = _parser.parse(pattern)
     except re.error as err:
         raise ConfigError(
             f"LoraConfig: {what} {pattern!r} is not a valid regular expression ({err}). "
             "Escape literal dots and brackets, e.g. r'blocks\\.0\\.q'."
         ) from None
+    if _repeats_nest(parsed.data):
+        raise ConfigError(
+            f"LoraConfig: {what} {pattern!r} repeats a group that itself repeats or has "
+            "alternatives (like '(a+)+' or '(a|b)*'); such patterns can take exponential time "
+            "and are refused. Rewrite it without nesting, e.g. '.*\\.(q_proj|v_proj)'."
+        )
+
+
+def _check_module_names(what: str, value: Any) -> None:
+    """`target_modules` / `exclude_modules`: None, a regex string, or a list of names."""
+    if value is None or isinstance(value, str):
+        return
+    if isinstance(value, list | tuple) and all(isinstance(v, str) and v for v in value):
+        return
+    raise ConfigError(
+        f"LoraConfig: `{what}` must be a regex string or a list of module names (non-empty "
+        f"strings), got {value!r}. Example: {what}=['q_proj', 'v_proj']."
+    )
 
 
 def make_adapter(

@@ -7,6 +7,7 @@ Clauses: SW-SUITE-1 (driver loading, the peft skip), SW-SUITE-3 (exit status), S
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -159,3 +160,23 @@ def test_module_entry_point_and_pytest_plugin():
     assert plugin.returncode == 1, plugin.stdout + plugin.stderr
     failed = "FAILED conformance/test_clauses.py::test_clause[SW-BANK-2::check_delete]"
     assert failed in plugin.stdout, plugin.stdout
+
+
+@pytest.mark.clause("SW-SUITE-8")
+def test_markdown_report_keeps_explanations_of_unchanged_rows(tmp_path, capsys):
+    """SW-SUITE-8: --markdown writes one row per clause with the run's status; a regenerated
+    report keeps an explanation only while its clause's status is unchanged."""
+    md = tmp_path / "report.md"
+    driver = f"{BROKEN}:UnknownIsBaseDriver"
+    argv = ["--driver", driver, "--clauses", "SW-ACTIVE-*", "--markdown", str(md)]
+    code, _ = _run(capsys, *argv)
+    assert code == 1
+    text = md.read_text()
+    assert "--clauses SW-ACTIVE-*" in text and "| SW-ACTIVE-2 | pass |  |  |" in text
+    assert re.search(r"\| SW-ACTIVE-3 \| fail \| \w+ \| TODO: explain \|", text)
+    md.write_text(text.replace("TODO: explain", "Unknown names fall back to the base."))
+    _run(capsys, *argv)
+    assert re.search(r"\| SW-ACTIVE-3 \| fail \| \w+ \| Unknown names fall back", md.read_text())
+    fixed = ["--driver", "reference", "--clauses", "SW-ACTIVE-*", "--markdown", str(md)]
+    assert _run(capsys, *fixed)[0] == 0
+    assert "| SW-ACTIVE-3 | pass |  |  |" in md.read_text()

@@ -199,6 +199,30 @@ CASES: list[tuple[type, str, str, Callable[[World], object]]] = [
     (
         errors.ConfigError,
         "SW-CONFIG-1",
+        r"target_modules '\(a\|aa\)\*c' repeats a group .* refused",
+        lambda w: jaxlora.LoraConfig(target_modules="(a|aa)*c"),
+    ),
+    (
+        errors.ConfigError,
+        "SW-CONFIG-1",
+        r"alpha_pattern key '\(q\+\)\+' repeats a group",
+        lambda w: jaxlora.LoraConfig(alpha_pattern={"(q+)+": 2.0}),
+    ),
+    (
+        errors.ConfigError,
+        "SW-CONFIG-1",
+        r"target_modules is 1001 characters long; at most 1000",
+        lambda w: jaxlora.LoraConfig(target_modules="q" * 1001),
+    ),
+    (
+        errors.ConfigError,
+        "SW-CONFIG-1",
+        r"`target_modules` must be a regex string or a list of module names.*got \[1, 2\]",
+        lambda w: jaxlora.LoraConfig(target_modules=[1, 2]),
+    ),
+    (
+        errors.ConfigError,
+        "SW-CONFIG-1",
         r"`lora_alpha` must be a finite number, got nan",
         lambda w: jaxlora.LoraConfig(lora_alpha=float("nan")),
     ),

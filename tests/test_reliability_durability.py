@@ -227,14 +227,6 @@ def test_exception_at_any_step_leaves_old_or_new(monkeypatch, tmp_path):
     assert any(o.startswith("DAMAGED") for o in broken), broken
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in jaxlora/io/_save.py save_peft: replacing an existing directory takes two "
-    "renames (target -> .old-*, tmp -> target); a crash between them leaves no directory at "
-    "the target path (the old adapters survive only under .<name>.old-*). Fix: swap atomically "
-    "with renameat2(RENAME_EXCHANGE) (Linux, via ctypes), or keep the target a symlink to a "
-    "versioned directory and replace the symlink with os.replace",
-)
 @pytest.mark.clause("SW-DURABLE-1")
 def test_crash_at_any_step_leaves_old_or_new(monkeypatch, tmp_path):
     """SW-DURABLE-1: a crash simulated at each I/O step (that step and all later ones do

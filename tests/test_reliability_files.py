@@ -259,34 +259,9 @@ def test_fuzzed_weights_files_raise_only_jaxlora_errors(weights, config):
     adapter_model.safetensors files (huge shapes, offsets past the end, unknown dtypes,
     duplicate names, wrong header lengths), next to a valid or fuzzed config: both loaders
     return well-formed adapters or raise a JaxLoraError naming the directory, in bounded time."""
-    if config != VALID_CONFIG and _known_config_bug(config):
-        config = VALID_CONFIG  # reported by test_fuzzed_config_files_* and the tests below
     check_files(weights, config)
 
 
-def _known_config_bug(config: bytes) -> bool:
-    """Inputs of the config bugs recorded below (xfail), kept out of the weights fuzz."""
-    try:
-        raw = json.loads(config)
-    except Exception:
-        return True
-    targets = raw.get("target_modules") if isinstance(raw, dict) else None
-    return not (
-        targets is None
-        or isinstance(targets, str)
-        or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
-    )
-
-
-_CONFIG_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="bug in jaxlora/io/_load.py _read_config (json.loads RecursionError on deep nesting, "
-    "ValueError on >4300-digit integers escape) and jaxlora/weights.py match_targets / "
-    "io/_config.py (target_modules with non-string entries: TypeError); see the tests below",
-)
-
-
-@_CONFIG_BUG
 @pytest.mark.clause("SW-SAFE-1")
 @pytest.mark.timeout(900)
 @given(weights=st.sampled_from([VALID_WEIGHTS]) | weights_bytes(), config=config_bytes())
@@ -308,10 +283,9 @@ def test_fuzzed_config_files_raise_only_jaxlora_errors(weights, config):
         pytest.param(b'{"r": 2, "target_modules": 7}', id="int-target"),
     ],
 )
-@_CONFIG_BUG
 def test_config_bugs_found_by_the_fuzzer(config):
     """SW-SAFE-1: the config inputs the fuzzer found that make a loader raise RecursionError,
-    ValueError or TypeError instead of a JaxLoraError."""
+    ValueError or TypeError instead of a JaxLoraError (fixed; kept as regressions)."""
     check_files(VALID_WEIGHTS, config)
 
 
@@ -324,14 +298,6 @@ def _redos_weights(module: str) -> bytes:
     return safetensors.numpy.save(tensors, {"format": "pt"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (also in PEFT) in jaxlora/weights.py match_targets / resolve_pattern: patterns "
-    "from the file run through Python's backtracking `re` against module names from the file, "
-    "so target_modules '(a|aa)*c' and a module 'aaa...a' take exponential time (ReDoS). Fix: "
-    "bound path/pattern lengths and reject nested quantifiers, or match with a linear-time "
-    "engine (google-re2); meanwhile load untrusted files in a subprocess with a timeout",
-)
 @pytest.mark.clause("SW-SAFE-1")
 @pytest.mark.parametrize("field", ["target_modules", "rank_pattern"])
 def test_regex_from_a_file_cannot_hang_the_loader(field):

@@ -226,17 +226,7 @@ def onehot_routed_delta(x, stacked, ids):
     return jnp.einsum("bs,sbo->bo", onehot * stacked.scale[None], per_slot)
 
 
-_SLOT_MIXING_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="bug in jaxlora/routing.py (issue 5): the onehot and ragged kernels (and auto, which "
-    "picks onehot for one-token rows) multiply every slot's factors by a zero weight, and "
-    "0 * NaN = NaN reaches every row. Fix: refuse non-finite slots when stacking "
-    "(jaxlora.numerics.check_finite in jaxlora.stack) or route these kernels like gather.",
-)
-ROUTING_METHODS = [
-    pytest.param(m, marks=[_SLOT_MIXING_BUG] if m in ("auto", "onehot", "ragged") else [])
-    for m in METHODS
-]
+ROUTING_METHODS = list(METHODS)
 
 
 @pytest.mark.clause("SW-NUM-3")
@@ -320,3 +310,17 @@ def test_fp16_overflow_rule(x_value, a_value, alpha):
         assert not np.all(np.isfinite(np.asarray(jaxlora.lora_dense(x16, k16, b16, [w16]))))
         broken = np.asarray(base_dtype_dense(x, kernel, bias, [w]))
         assert not np.all(np.isfinite(broken)), "the check cannot tell the broken variant"
+
+
+@pytest.mark.clause("SW-NUM-3")
+def test_replace_slot_refuses_non_finite_adapter():
+    """SW-NUM-3: writing a NaN adapter into a slot of a stacked bank is refused, naming it, and
+    the bank is unchanged (the write is not donated before the check)."""
+    _, bank, _ = _FLOAT32_SETUP
+    stacked = jaxlora.stack(bank)
+    w = bank["b"][PATHS[0]]
+    bad = {**bank["b"], PATHS[0]: _replace(w, "b", w.b.at[0, 0].set(jnp.inf))}
+    with pytest.raises(NonFiniteError, match=r"'bad'.*" + PATHS[0].replace(".", r"\.")):
+        jaxlora.replace_slot(stacked, "b", bad, name="bad")
+    assert stacked.names == bank.names
+    np.testing.assert_array_equal(stacked.weights[PATHS[0]].b[1], bank["b"][PATHS[0]].b)

@@ -51,15 +51,14 @@ def files(tmp_path_factory):
         jaxlora.io.save_peft(root / name, adapter)
     requests = [{"tokens": [1, 2, 3]}, {"tokens": [7, 8, 9], "max_new_tokens": 3, "id": "q"}]
     (root / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
-    bank = jaxlora.io.load_peft(root / "v1").add("v2", jaxlora.io.load_peft(root / "v2")["default"])
-    return root, model, bank, requests
+    loaded = {n: jaxlora.io.load_peft(root / n)["default"] for n in ("v1", "v2")}
+    return root, model, jaxlora.AdapterBank(loaded), requests
 
 
 @pytest.mark.clause("SW-SERVE-12")
 def test_compare_reports_per_request_divergence(files):
     """SW-SERVE-12: tokens equal generate() alone; divergence and KL match the oracle."""
     root, model, bank, requests = files
-    bank = jaxlora.AdapterBank({"v1": bank["default"], "v2": bank["v2"]})
     out = root / "report.jsonl"
     argv = ["compare", "--model", str(root / "llama"), "--adapter", f"v1={root / 'v1'}",
             "--adapter", f"v2={root / 'v2'}", "--requests", str(root / "req.jsonl"),

@@ -56,6 +56,11 @@ def _read_config(directory: Path) -> LoraConfig:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterFormatError(f"{path}: not valid JSON ({e}). Write it again.") from e
+    except (ValueError, RecursionError) as e:  # >4300-digit integers, absurd nesting
+        raise AdapterFormatError(
+            f"{path}: JSON the loader refuses ({type(e).__name__}: {str(e)[:120]}); an adapter "
+            "config is a flat object of small values."
+        ) from None
     return config_from_dict(raw, str(path))
 
 
@@ -122,7 +127,7 @@ def validate_against(
 
 def _factors(tensors: dict[str, np.ndarray], where: str) -> dict[str, dict[str, np.ndarray]]:
     modules: dict[str, dict[str, np.ndarray]] = {}
-    for key, array in tensors.items():
+    for key, array in sorted(tensors.items()):  # safetensors' order is not stable
         module, which = split_key(key, where)
         if array.ndim != 2:
             raise AdapterFormatError(

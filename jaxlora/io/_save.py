@@ -21,6 +21,8 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -94,6 +96,36 @@ def _write_adapter(directory: Path, tensors: dict[str, np.ndarray], config: dict
     with open(directory / _CONFIG, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a directory's entries (new files, renames) across a power loss."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux `renameat2(RENAME_EXCHANGE)`; False where the
+    platform or file system cannot (the caller then falls back to two renames)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
 
 
 def _check_replaceable(target: Path) -> None:
@@ -152,7 +184,12 @@ def save_peft(
     try:
         for name, (tensors, config) in files.items():
             _write_adapter(tmp if name == "default" else tmp / name, tensors, config)
+        _fsync_dir(tmp)
         if target.exists():
+            if _exchange(tmp, target):  # one atomic step: target is never missing
+                _fsync_dir(target.parent)
+                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old adapters
+                return
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
             try:
@@ -163,6 +200,7 @@ def save_peft(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+        _fsync_dir(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

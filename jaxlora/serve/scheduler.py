@@ -14,7 +14,7 @@ Example:
     >>> engine = Engine(Llama.random(LlamaConfig(64, 16, 32, 1, 2, 1, 8)), capacity=1, rank=2,
     ...                 buckets=Buckets((1, 4), (8,), 4))
     >>> with Scheduler(engine, window_s=0.01) as sched:
-    ...     len(sched.submit(Row((1, 2), None, 2)).future.result().tokens)
+    ...     len(sched.submit(Row((1, 2), None, 2)).future.result().result.tokens)
     2
 """
 
