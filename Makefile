@@ -21,6 +21,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/jaxlora switch-demo
 	$(BIN)/jaxlora demo
 
 test: $(STAMP)

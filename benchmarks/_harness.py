@@ -1,8 +1,8 @@
 """Timing, compile counting, machine info and report writing shared by every benchmark.
 
 Timings are medians of repeated runs after warm-up; variants that are compared are timed
-interleaved (one run of each, round robin), so a load spike on a shared machine hits all of
-them alike and ratios computed within one run stay meaningful.
+interleaved (one run of each per round, the order rotated every round), so a load spike on a
+shared machine hits all of them alike and ratios computed within one run stay meaningful.
 
 Example:
     >>> import jax.numpy as jnp
@@ -155,10 +155,12 @@ def time_interleaved(
         for _ in range(warmup):
             _block(fn())
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
+    order = list(variants)
+    for r in range(repeats):
+        # Rotate the order every round: no variant always runs right after a heavy one.
+        for name in order[r % len(order) :] + order[: r % len(order)]:
             start = time.perf_counter()
-            _block(fn())
+            _block(variants[name]())
             samples[name].append(time.perf_counter() - start)
     return {name: Timing(tuple(s)) for name, s in samples.items()}
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 #: subcommand -> (module under jaxlora.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("demo", "run the end-to-end demo (switching with compile count and checks)"),
-    "llama-demo": ("demo_llama", "mixed-adapter batch generation on a tiny Llama, checked per row"),
+    "demo": ("demo_llama", "mixed-adapter batch generation on a tiny Llama, checked per row"),
+    "switch-demo": ("demo", "switch one jitted forward through 8 adapters, checked vs NumPy"),
     "generate": ("generate", "generate from JSONL requests, each on its own adapter"),
     "inspect": ("inspect", "list the adapters of a PEFT directory and whether they load"),
     "serve": ("serve", "serve many adapters over HTTP with dynamic mixed batching"),

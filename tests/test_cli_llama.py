@@ -1,4 +1,4 @@
-"""The `jaxlora llama-demo`, `generate` and `inspect` commands (specs/model.md, SW-CLI-*)."""
+"""The `jaxlora demo`, `generate` and `inspect` commands (specs/model.md, SW-CLI-*)."""
 
 from __future__ import annotations
 
@@ -20,25 +20,25 @@ from jaxlora import cli
 from jaxlora.commands.demo_llama import DEMO_ADAPTERS, DEMO_MODEL
 from jaxlora.models import load_llama
 
-MINE = ("llama-demo", "generate", "inspect")
+MINE = ("demo", "generate", "inspect")
 
 
 @pytest.fixture(autouse=True)
 def only_these_commands(monkeypatch):
-    # cli.main imports every registered command module; test ours independently of the others.
+    # test these commands independently of the others registered in the CLI.
     monkeypatch.setattr(cli, "COMMANDS", {k: cli.COMMANDS[k] for k in MINE})
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """`jaxlora llama-demo` on a fresh cache directory: (root, exit code, stdout)."""
+    """`jaxlora demo` on a fresh cache directory: (root, exit code, stdout)."""
     root = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JAXLORA_CACHE", str(root))
         mp.setattr(cli, "COMMANDS", {k: cli.COMMANDS[k] for k in MINE})
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            code = cli.main(["llama-demo"])
+            code = cli.main(["demo"])
     return root, code, out.getvalue()
 
 
@@ -73,7 +73,7 @@ def test_llama_demo_reuses_its_cache_and_fails_on_mismatch(demo, monkeypatch, ca
 
     monkeypatch.setattr(generate_module, "generate", corrupt_single_rows)
     monkeypatch.setenv("JAXLORA_CACHE", str(root))
-    assert cli.main(["llama-demo"]) == 1  # same shapes as the first run: no new compiles
+    assert cli.main(["demo"]) == 1  # same shapes as the first run: no new compiles
     captured = capsys.readouterr()
     assert "FAILED" in captured.err and " NO" in captured.out
     assert (root / "llama" / "model.safetensors").stat().st_mtime_ns == stamp

@@ -1,4 +1,4 @@
-"""`jaxlora demo`: the table, the JSON file, and a non-zero exit when a check fails
+"""`jaxlora switch-demo`: the table, the JSON file, and a non-zero exit when a check fails
 (spec SW-CONFORM-3, SW-TOL-1, SW-ACTIVE-2)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def test_demo_prints_the_table_and_passes(tmp_path, capsys):
     adapters, different ranks and target sets, each within tolerance of the oracle), one
     compilation for all of them, a bit-identical base model, and writes the same as JSON."""
     out_file = tmp_path / "demo.json"
-    assert main(["demo", "--seed", "1", "--repeats", "2", "--json", str(out_file)]) == 0
+    assert main(["switch-demo", "--seed", "1", "--repeats", "2", "--json", str(out_file)]) == 0
     text = capsys.readouterr().out
     results = json.loads(out_file.read_text())
     rows = results["adapters"]
@@ -42,7 +42,7 @@ def test_demo_fails_without_conform(monkeypatch, capsys):
     """SW-CONFORM-3: if the bank is not conformed, the forward compiles once per shape, and the
     demo reports FAIL and exits 1 (so its compile check can fail)."""
     monkeypatch.setattr(jaxlora, "conform", lambda bank, max_rank=None: bank)
-    assert main(["demo", "--repeats", "1"]) == 1
+    assert main(["switch-demo", "--repeats", "1"]) == 1
     text = capsys.readouterr().out
     assert "SOME CHECKS FAILED" in text and "FAIL" in text
 
@@ -57,6 +57,6 @@ def test_demo_fails_when_the_oracle_disagrees(monkeypatch, capsys):
         return y + 1.0 if active else y
 
     monkeypatch.setattr(reference, "chain_forward", shifted)
-    assert main(["demo", "--repeats", "1"]) == 1
+    assert main(["switch-demo", "--repeats", "1"]) == 1
     text = capsys.readouterr().out
     assert text.count("FAIL") >= 8 and "SOME CHECKS FAILED" in text

@@ -67,7 +67,8 @@ def test_tokens_and_logprobs_match_generate_and_the_oracle_logits(setup):
 
 @pytest.mark.clause("SW-SERVE-3", "SW-SERVE-7")
 def test_compilations_are_bounded_by_the_buckets(setup):
-    """SW-SERVE-3, SW-SERVE-7: any mix of sizes, lengths, adapters and options compiles <= 2 x 2 times."""
+    """SW-SERVE-3, SW-SERVE-7:
+    any mix of sizes, lengths, adapters and options compiles <= 2 x 2 times."""
     _, _, engine = setup
     before = engine.compile_count()
     rng = np.random.default_rng(0)
@@ -130,7 +131,8 @@ def test_engine_limits_and_slot_errors(setup):
 
 @pytest.mark.clause("SW-SERVE-9", "SW-SERVE-10")
 def test_split_and_fallback_parsing(setup):
-    """SW-SERVE-9, SW-SERVE-10: malformed splits/chains are refused; arms are fixed per request id."""
+    """SW-SERVE-9, SW-SERVE-10:
+    malformed splits/chains are refused; arms are fixed per request id."""
     split = parse_split("t=x:0.25,y:0.75")
     picks = [split.choose(f"id{i}") for i in range(200)]
     assert picks == [split.choose(f"id{i}") for i in range(200)]

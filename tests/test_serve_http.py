@@ -117,7 +117,8 @@ def _metrics(url):
 
 @pytest.mark.clause("SW-SERVE-1", "SW-SERVE-2", "SW-SERVE-3")
 def test_64_concurrent_clients_on_8_adapters_match_single_request_reference(world, server):
-    """SW-SERVE-1, SW-SERVE-2, SW-SERVE-3: 64 clients on 8 adapters + base; each equals generate() alone."""
+    """SW-SERVE-1, SW-SERVE-2, SW-SERVE-3:
+    64 clients on 8 adapters + base; each equals generate() alone."""
     srv, _ = server
     before = _metrics(srv.url)
     choices = [*NAMES, None]
@@ -262,7 +263,8 @@ def test_load_while_in_flight_neither_retraces_nor_changes_results(world, server
 
 @pytest.mark.clause("SW-SERVE-6", "SW-SERVE-11")
 def test_timeout_and_client_disconnect_drop_the_request(world):
-    """SW-SERVE-6, SW-SERVE-11: 504 past the timeout; a closed connection is dropped before it runs."""
+    """SW-SERVE-6, SW-SERVE-11:
+    504 past the timeout; a closed connection is dropped before it runs."""
     srv, _ = _serve(world, window_s=0.6)
     try:
         status, reply = _gen(srv.url, {"tokens": [1, 2], "timeout": 0.05})
@@ -330,7 +332,8 @@ def test_adapter_from_body_header_classifier_or_base(world, server):
 
 @pytest.mark.clause("SW-SERVE-9", "SW-SERVE-10")
 def test_ab_split_and_fallback_chain(world):
-    """SW-SERVE-9, SW-SERVE-10: arms fixed by sha256(task, id), recorded; fallback tries in order."""
+    """SW-SERVE-9, SW-SERVE-10:
+    arms fixed by sha256(task, id), recorded; fallback tries in order."""
     split = parse_split(f"summarize={NAMES[0]}:0.5,{NAMES[1]}:0.5")
     hooks = RoutingHooks(
         splits=[split],

@@ -1,4 +1,4 @@
-"""`jaxlora demo`: switch one jitted forward through 8 different adapters and check it.
+"""`jaxlora switch-demo`: switch one jitted forward through 8 different adapters and check it.
 
 Builds a small base `DenseChain` from random weights and a bank of 8 adapters with different
 ranks, alphas, rsLoRA flags, rank/alpha patterns and target sets; conforms the bank
@@ -10,7 +10,7 @@ machinery (SW-ACTIVE-2), and the whole switch must cost exactly one compilation.
 Exit status 0 when every check holds, 1 otherwise.
 
 Example:
-    $ jaxlora demo --seed 1 --json demo.json
+    $ jaxlora switch-demo --seed 1 --json demo.json
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ def write_json_atomically(path: str, data: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the demo, print the table, optionally write JSON; 0 if every check passed."""
     print(
-        f"jaxlora demo: {len(ADAPTERS)} adapters over a {len(PATHS)}-layer DenseChain "
+        f"jaxlora switch-demo: {len(ADAPTERS)} adapters over a {len(PATHS)}-layer DenseChain "
         f"(widths {'-'.join(map(str, WIDTHS))}), batch {BATCH}, float32. The bank is conformed "
         f"(every adapter zero-padded to rank {max(a[1] for a in ADAPTERS)} on all {len(PATHS)} "
         "layers); one jitted forward is switched "

@@ -1,4 +1,4 @@
-"""`jaxlora llama-demo`: one batch whose rows use different PEFT adapters on a tiny Llama.
+"""`jaxlora demo`: one batch whose rows use different PEFT adapters on a tiny Llama.
 
 On first use it writes, into a cache directory (`$JAXLORA_CACHE`, default
 `~/.cache/jaxlora/demo`), a tiny random Llama checkpoint (transformers `save_pretrained`) and a
@@ -8,8 +8,8 @@ every row against the same row generated alone with `jaxlora.select` (spec SW-CL
 table, tokens/s and the decode-step compile count, and exits 1 on any mismatch.
 
 Example:
-    $ jaxlora llama-demo
-    $ JAXLORA_CACHE=/tmp/demo jaxlora llama-demo --max-new-tokens 8
+    $ jaxlora demo
+    $ JAXLORA_CACHE=/tmp/demo jaxlora demo --max-new-tokens 8
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -143,7 +142,6 @@ def _pick(logits, rows: _RowArrays, step):
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "pad_id"))
 def _generate_batch(graphdef, state, stacked, tokens, mask, rows: _RowArrays, max_new, pad_id):
     """Prefill + decode loop for one padded batch; returns `(tokens, logprobs)` `[B, max_new]`."""
     model = nnx.merge(graphdef, state)
@@ -228,6 +226,15 @@ class Engine:
         self.model, self.buckets, self.pad_id = model, buckets or Buckets(), pad_id
         self.capacity, self.rank, self.targets = capacity, rank, tuple(targets)
         self._graphdef, self._state = nnx.split(model)
+
+        # A function object of its own per engine: jit caches per function, so compile_count()
+        # then counts this engine's compilations only (not other engines' in the process).
+        def generate_batch(*args, **kwargs):
+            return _generate_batch(*args, **kwargs)
+
+        self._generate_batch = jax.jit(
+            generate_batch, static_argnames=("graphdef", "max_new", "pad_id")
+        )
         self._lock = threading.Lock()
         self._stacked = _empty_bank(model, capacity, rank, targets)
         self._slots: dict[str, int] = {}
@@ -342,7 +349,7 @@ class Engine:
                 r.seed,
             )
         arrays = _RowArrays(*map(jnp.asarray, (ids, max_new, temp, top_k, seeds, stop)))
-        out, logps = _generate_batch(
+        out, logps = self._generate_batch(
             self._graphdef,
             self._state,
             snapshot.stacked,
@@ -357,7 +364,7 @@ class Engine:
 
     def compile_count(self) -> int:
         """Executables compiled for batch generation so far (bounded by the buckets)."""
-        return _generate_batch._cache_size()
+        return self._generate_batch._cache_size()
 
     def warmup(self) -> None:
         """Compile every (batch size, prompt length) bucket now instead of on first use."""
