@@ -68,9 +68,17 @@ class JaxLoraDriver:
                 *dtypes,
             }
         )
-        # One jitted function per driver, so compile_count() counts this driver's compilations.
-        self._forward = jax.jit(jaxlora.forward)
-        self._forward_mixed = jax.jit(jaxlora.forward_mixed, static_argnames=("method",))
+
+        # Function objects of this driver's own: jit caches per function, so compile_count()
+        # counts this driver's compilations only (`jax.jit(jaxlora.forward)` would share them).
+        def forward(model, x, active):
+            return jaxlora.forward(model, x, active)
+
+        def forward_mixed(model, x, stacked, ids, method="auto"):
+            return jaxlora.forward_mixed(model, x, stacked, ids, method=method)
+
+        self._forward = jax.jit(forward)
+        self._forward_mixed = jax.jit(forward_mixed, static_argnames=("method",))
         self._dtype = jnp.float32
         self._model: jaxlora.DenseChain | None = None
         self._merged: jaxlora.DenseChain | None = None
