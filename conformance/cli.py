@@ -2,7 +2,8 @@
 
 Exit status: 0 when no check failed (passes, "not supported", skips, xfails, or a skipped run
 of an optional driver whose dependencies are missing), 1 when a check failed, 2 on a usage
-error (unknown driver, unreadable skips/xfails file).
+error (unknown driver, a driver that fails to import or construct, unreadable skips/xfails
+file, `--max-examples` or `--steps` below 1).
 
 Example:
     $ python -m conformance --driver jaxlora --max-examples 20 --json report.json
@@ -16,6 +17,8 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+
+from jaxlora.errors import ConfigError
 
 from .loader import BUILTIN, DriverLoadError, DriverUnavailable, load_driver
 from .markdown import previous_explanations, render_markdown
@@ -55,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="S",
-        help="change the (otherwise fixed, derandomized) seeds",
+        help="change the (otherwise fixed, derandomized) seeds; any int, 0 included, differs "
+        "from the default run",
     )
     p.add_argument(
         "--clauses",
@@ -132,6 +136,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read the skips/xfails file: {e}", file=sys.stderr)
         return 2
     try:
+        config = RunConfig(
+            max_examples=args.max_examples,
+            steps=args.steps,
+            seed=args.seed,
+            clauses=args.clauses,
+            skips=skips,
+            xfails=xfails,
+        )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         driver = load_driver(args.driver)
     except DriverUnavailable as e:
         print(f"skipped: {e}")
@@ -141,14 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     except DriverLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    config = RunConfig(
-        max_examples=args.max_examples,
-        steps=args.steps,
-        seed=args.seed,
-        clauses=args.clauses,
-        skips=skips,
-        xfails=xfails,
-    )
     report = run_suite(driver, config)
     print(format_table(report))
     if args.json:

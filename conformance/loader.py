@@ -61,7 +61,11 @@ def _import_file(path: Path):
         raise DriverLoadError(f"cannot import {str(path)!r} as a Python module.")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
     return module
 
 
@@ -96,13 +100,26 @@ def load_driver(spec: str) -> Driver:
         if spec in _OPTIONAL:
             raise DriverUnavailable(f"the {spec!r} driver is unavailable: {e}") from e
         raise DriverLoadError(f"cannot import driver module {module_name!r}: {e}") from e
+    except DriverLoadError:
+        raise
+    except Exception as e:  # SyntaxError, or any error raised while the module body runs
+        raise DriverLoadError(
+            f"cannot import driver module {module_name!r}: {type(e).__name__}: {e}; fix the "
+            "driver module so that it imports cleanly."
+        ) from e
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise DriverLoadError(
             f"module {module_name!r} has no callable {factory_name!r}; the factory must be a "
             "class or function that returns the driver."
         )
-    driver = factory()
+    try:
+        driver = factory()
+    except Exception as e:  # the third-party factory crashed: a loading problem, not a check
+        raise DriverLoadError(
+            f"the driver factory {target!r} raised {type(e).__name__}: {e}; it must return a "
+            "driver when called with no arguments."
+        ) from e
     problems = driver_problems(driver)
     if problems:
         raise DriverLoadError(

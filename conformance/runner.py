@@ -21,6 +21,8 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import errors as hypothesis_errors
 from hypothesis.stateful import run_state_machine_as_test
 
+from jaxlora.errors import ConfigError
+
 from . import checks as _checks  # noqa: F401  (registers the checks)
 from .registry import CHECKS, NOT_APPLICABLE, Check, ClauseFailure
 
@@ -29,6 +31,7 @@ __all__ = [
     "CheckResult",
     "Report",
     "RunConfig",
+    "check_seed",
     "read_id_file",
     "run_check",
     "run_suite",
@@ -58,9 +61,13 @@ class RunConfig:
     Arguments:
         max_examples: Hypothesis examples per check (state machine: sequences).
         steps: operations per state machine sequence.
-        seed: None derandomizes (a fixed seed per check); an int changes every check's seed.
+        seed: None derandomizes (a fixed seed per check); any int, 0 included, gives every check
+            a different seed (see `check_seed`).
         clauses: comma-separated globs matched against clause IDs and check names.
         skips, xfails: ids (globs of check names or primary clause IDs) to skip / expect to fail.
+
+    Raises:
+        ConfigError: `max_examples` or `steps` is below 1.
     """
 
     max_examples: int = 8
@@ -69,6 +76,31 @@ class RunConfig:
     clauses: str | None = None
     skips: tuple[str, ...] = ()
     xfails: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for field, flag in (("max_examples", "--max-examples"), ("steps", "--steps")):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"{field} ({flag}) must be an integer >= 1, got {value!r}; "
+                    f"e.g. {flag} {getattr(RunConfig, field)}."
+                )
+
+
+def check_seed(name: str, run_seed: int | None) -> int:
+    """The Hypothesis seed of check `name`: `crc32(name)` when `run_seed` is None (the default,
+    derandomized run), else `crc32(name) + k * 2**32` with `k >= 1` a one-to-one function of
+    `run_seed`, so every explicit seed (0 included) differs from the default and from each other.
+
+    Example:
+        >>> check_seed("check_x", None) != check_seed("check_x", 0)
+        True
+    """
+    base = zlib.crc32(name.encode())
+    if run_seed is None:
+        return base
+    k = 2 * run_seed + 1 if run_seed >= 0 else -2 * run_seed
+    return base + k * 2**32
 
 
 @dataclasses.dataclass
@@ -168,14 +200,14 @@ def run_check(check: Check, driver, config: RunConfig) -> CheckResult:
         result.status, result.message = UNSUPPORTED, f"driver lacks capability {missing}"
         return result
     start = time.perf_counter()
-    check_seed = zlib.crc32(check.name.encode()) + (config.seed or 0)
+    this_seed = check_seed(check.name, config.seed)
     try:
         if check.machine is not None:
-            factory = seed(check_seed)(lambda: check.machine(driver))
+            factory = seed(this_seed)(lambda: check.machine(driver))
             run_state_machine_as_test(factory, settings=_settings(config))
         else:
             prop = given(check.cases(driver))(lambda case: check.fn(driver, case))
-            seed(check_seed)(_settings(config)(prop))()
+            seed(this_seed)(_settings(config)(prop))()
     except hypothesis_errors.Unsatisfiable as e:
         result.status, result.clause, result.message = FAIL, check.clauses[0], f"suite: {e}"
     except Exception as e:  # a ClauseFailure, or the driver crashed where it must not

@@ -5,7 +5,8 @@ drives add / delete / set-active / disable / forward / mixed forward / merge-unm
 order. After every forward it compares with the float64 oracle and with every earlier output
 for the same (bank contents, active set, input), which must be bitwise equal (SW-HISTORY-1).
 Refused operations (unknown names, duplicate adds, unknown deletes) must raise and change
-nothing, which the next forward checks.
+nothing, which the next forward checks. With "exact_unmerge", the output after merge + unmerge
+must equal the output before bitwise (SW-MERGE-2); without it, within tolerance (SW-MERGE-3).
 """
 
 from __future__ import annotations
@@ -38,17 +39,20 @@ UNKNOWN = "zz"
     "SW-MIXED-1",
     "SW-MIXED-2",
     "SW-MERGE-1",
+    "SW-MERGE-2",
     "SW-MERGE-3",
     clause_needs={
         "SW-MIXED-1": {"mixed"},
         "SW-MIXED-2": {"mixed"},
         "SW-MERGE-1": {"merge"},
+        "SW-MERGE-2": {"merge", "exact_unmerge"},
         "SW-MERGE-3": {"merge"},
     },
 )
 class OperationSequences(RuleBasedStateMachine):
     """SW-HISTORY-1, SW-FORWARD-1, SW-ACTIVE-2, SW-ACTIVE-3, SW-BANK-1, SW-BANK-2, SW-MIXED-1,
-    SW-MIXED-2, SW-MERGE-1, SW-MERGE-3 over random operation sequences (see the module doc)."""
+    SW-MIXED-2, SW-MERGE-1, SW-MERGE-2 (exact return, with "exact_unmerge"), SW-MERGE-3 over
+    random operation sequences (see the module doc)."""
 
     def __init__(self, driver):
         super().__init__()
@@ -163,6 +167,6 @@ class OperationSequences(RuleBasedStateMachine):
         self.driver.unmerge()
         after = self.driver.forward(x)
         if "exact_unmerge" in self.caps:
-            expect_equal("SW-HISTORY-1", after, before, "forward after merge + unmerge")
+            expect_equal("SW-MERGE-2", after, before, "forward after merge + unmerge")
         else:
             expect_close("SW-MERGE-3", after, before, self.dtype, "forward after merge + unmerge")

@@ -35,7 +35,16 @@ from .errors import (
 )
 from .weights import Adapter, LoraWeights
 
-__all__ = ["NO_ADAPTER", "Active", "AdapterBank", "StackedBank", "conform", "select", "stack"]
+__all__ = [
+    "NO_ADAPTER",
+    "Active",
+    "AdapterBank",
+    "StackedBank",
+    "check_adapter",
+    "conform",
+    "select",
+    "stack",
+]
 
 #: The per-row id of a mixed-batch row that uses no adapter (spec SW-MIXED-1).
 NO_ADAPTER = -1
@@ -44,32 +53,41 @@ NO_ADAPTER = -1
 Active = tuple[dict[str, LoraWeights], ...]
 
 
-def _check_adapter(name: str, adapter: Adapter) -> dict[str, LoraWeights]:
+def _check_name(name: object) -> None:
     if not isinstance(name, str) or not name:
         raise ConfigError(f"adapter names must be non-empty strings, got {name!r}.")
+
+
+def check_adapter(
+    name: str, adapter: Adapter, *, label: str | None = None
+) -> dict[str, LoraWeights]:
+    """Validate one adapter (shapes, dtypes, 0-d scale); returns a plain dict copy.
+
+    `label` names the adapter in messages (default `adapter 'name'`)."""
+    _check_name(name)
+    label = label or f"adapter {name!r}"
     if not isinstance(adapter, Mapping):
         raise ConfigError(
-            f"adapter {name!r}: expected a mapping `layer path -> LoraWeights`, got "
+            f"{label}: expected a mapping `layer path -> LoraWeights`, got "
             f"{type(adapter).__name__}. Build one with jaxlora.make_adapter or init_adapter."
         )
     checked = {}
     for path, w in adapter.items():
         if not isinstance(path, str) or not path:
-            raise ConfigError(f"adapter {name!r}: layer paths must be non-empty strings: {path!r}")
+            raise ConfigError(f"{label}: layer paths must be non-empty strings: {path!r}")
         if not isinstance(w, LoraWeights):
             raise ConfigError(
-                f"adapter {name!r}, layer {path!r}: expected LoraWeights, got {type(w).__name__}."
+                f"{label}, layer {path!r}: expected LoraWeights, got {type(w).__name__}."
             )
         a_shape, b_shape = tuple(np.shape(w.a)), tuple(np.shape(w.b))
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != b_shape[0]:
             raise ShapeMismatchError(
-                f"adapter {name!r}, layer {path!r}: expected a [in, r] and b [r, out], got "
+                f"{label}, layer {path!r}: expected a [in, r] and b [r, out], got "
                 f"a{a_shape} and b{b_shape}."
             )
         if np.ndim(w.scale) != 0:
             raise ShapeMismatchError(
-                f"adapter {name!r}, layer {path!r}: scale must be 0-d, got shape "
-                f"{np.shape(w.scale)}."
+                f"{label}, layer {path!r}: scale must be 0-d, got shape {np.shape(w.scale)}."
             )
         dtypes = [
             x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype for x in (w.a, w.b, w.scale)
@@ -77,7 +95,7 @@ def _check_adapter(name: str, adapter: Adapter) -> dict[str, LoraWeights]:
         if not all(jnp.issubdtype(d, jnp.floating) for d in dtypes):
             kinds = sorted({str(d) for d in dtypes})
             raise ConfigError(
-                f"adapter {name!r}, layer {path!r}: a, b and scale must be floating point, got "
+                f"{label}, layer {path!r}: a, b and scale must be floating point, got "
                 f"{kinds}. Cast them, e.g. jnp.asarray(a, jnp.float32)."
             )
         if not hasattr(w.scale, "dtype"):  # a Python float: make it an array leaf
@@ -106,7 +124,7 @@ class AdapterBank(Mapping[str, dict[str, LoraWeights]]):
     def __init__(self, adapters: Mapping[str, Adapter] | None = None):
         checked = {}
         for name, adapter in (adapters or {}).items():
-            checked[name] = _check_adapter(name, adapter)
+            checked[name] = check_adapter(name, adapter)
         self._adapters: dict[str, dict[str, LoraWeights]] = checked
 
     @classmethod
@@ -148,18 +166,19 @@ class AdapterBank(Mapping[str, dict[str, LoraWeights]]):
     # -- pure updates ------------------------------------------------------------------------
     def add(self, name: str, adapter: Adapter) -> AdapterBank:
         """A new bank with `adapter` under `name` (spec SW-BANK-1); `name` must be new."""
+        _check_name(name)
         if name in self._adapters:
             raise AdapterExistsError(
                 f"an adapter named {name!r} already exists. Use bank.replace({name!r}, adapter) "
                 f"to overwrite it, or bank.remove({name!r}) first. Names: "
                 f"{format_names(self._adapters)}."
             )
-        return AdapterBank._trusted({**self._adapters, name: _check_adapter(name, adapter)})
+        return AdapterBank._trusted({**self._adapters, name: check_adapter(name, adapter)})
 
     def replace(self, name: str, adapter: Adapter) -> AdapterBank:
         """A new bank where the existing adapter `name` is replaced by `adapter`."""
         self[name]  # raises AdapterNotFoundError with the list of names
-        return AdapterBank._trusted({**self._adapters, name: _check_adapter(name, adapter)})
+        return AdapterBank._trusted({**self._adapters, name: check_adapter(name, adapter)})
 
     def remove(self, name: str) -> AdapterBank:
         """A new bank without `name` (spec SW-BANK-2); unknown names raise."""
@@ -351,7 +370,12 @@ def stack(bank: AdapterBank, names: Sequence[str] | None = None) -> StackedBank:
             )
         for path, w in adapter.items():
             r = ref[path]
-            if (w.a.shape, w.b.shape, w.a.dtype) != (r.a.shape, r.b.shape, r.a.dtype):
+            if (w.a.shape, w.b.shape, w.a.dtype, w.b.dtype) != (
+                r.a.shape,
+                r.b.shape,
+                r.a.dtype,
+                r.b.dtype,
+            ):
                 raise ShapeMismatchError(
                     f"layer {path!r}: adapter {ref_name!r} has a{tuple(r.a.shape)} "
                     f"b{tuple(r.b.shape)} {r.a.dtype} but {name!r} has a{tuple(w.a.shape)} "

@@ -115,15 +115,33 @@ def _check_targets(model: DenseChain, adapters: Sequence[Mapping[str, Any]], wha
             check_fits(shapes[path], w, f"{what} #{index}, layer {path!r}")
 
 
+def _as_active(active: Any) -> Active:
+    """`select`'s tuple as is; one adapter (`path -> LoraWeights`) as a 1-tuple; else an error."""
+    if isinstance(active, Mapping) and all(isinstance(w, LoraWeights) for w in active.values()):
+        return (active,)
+    if isinstance(active, tuple | list) and all(
+        isinstance(ad, Mapping) and all(isinstance(w, LoraWeights) for w in ad.values())
+        for ad in active
+    ):
+        return tuple(active)
+    raise ConfigError(
+        "`active` must be jaxlora.select(bank, ...) (a tuple of adapters) or one adapter "
+        f"(`layer path -> LoraWeights`); got {type(active).__name__}. Example: "
+        "forward(model, x, jaxlora.select(bank, 'name'))."
+    )
+
+
 def forward(model: DenseChain, x: Array, active: Active = ()) -> Array:
     """The chain's output with the active adapters applied (SW-MODEL-1, SW-FORWARD-1).
 
     Arguments:
         model: the base model.
         x: `[..., in]`.
-        active: `jaxlora.select(bank, ...)`; adapters not targeting a layer skip it. An
+        active: `jaxlora.select(bank, ...)`, or one adapter; adapters not targeting a layer
+            skip it. An
             adapter path the model lacks raises `TargetNotFoundError` (SW-TARGET-2).
     """
+    active = _as_active(active)
     _check_targets(model, active, "active adapter")
     h = x
     last = len(model.paths) - 1

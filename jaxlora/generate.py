@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Sequence
 
@@ -208,8 +209,17 @@ def generate(
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}.")
-    greedy = float(temperature) == 0.0
-    if not greedy and (temperature < 0 or key is None):
+    try:
+        temp = float(temperature)
+    except (TypeError, ValueError):
+        temp = math.nan
+    if not math.isfinite(temp) or temp < 0:
+        raise ConfigError(
+            f"`temperature` must be a finite number >= 0, got {temperature!r}; use 0.0 for "
+            "greedy decoding or a positive value (with `key=`) for sampling."
+        )
+    greedy = temp == 0.0
+    if not greedy and key is None:
         raise ConfigError(
             f"sampling with temperature={temperature} needs temperature > 0 and an explicit "
             "`key=jax.random.key(seed)`; use temperature=0.0 for greedy decoding."
@@ -223,7 +233,7 @@ def generate(
     stop = jnp.asarray(_stop_array(stop_tokens, batch))
     sampling = (
         jax.random.key(0) if key is None else key,
-        jnp.asarray(max(float(temperature), 1e-6), jnp.float32),
+        jnp.asarray(max(temp, 1e-6), jnp.float32),
         jnp.asarray(pad_id, jnp.int32),
     )
     graphdef, state = nnx.split(model)

@@ -17,11 +17,12 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from .bank import NO_ADAPTER
 from .errors import ShapeMismatchError
 from .routing import routed_delta
 from .weights import LoraWeights
 
-__all__ = ["check_fits", "lora_delta", "lora_dense", "lora_dense_mixed"]
+__all__ = ["add_routed", "check_fits", "lora_delta", "lora_dense", "lora_dense_mixed"]
 
 Array = jax.Array
 
@@ -114,8 +115,24 @@ def lora_dense_mixed(
         ids: `[batch]` int slot ids; `jaxlora.NO_ADAPTER` (-1) rows get the base output exactly.
         method: the routing kernel, see `jaxlora.routing.routed_delta`.
     """
+    ids = jnp.asarray(ids)
     y = _base(x, kernel, bias)
-    delta = routed_delta(x, stacked, ids, method=method)
-    acc = y.astype(jnp.result_type(y.dtype, delta.dtype)) + delta
-    valid = (ids >= 0).reshape(ids.shape + (1,) * (y.ndim - 1))
-    return jnp.where(valid, acc.astype(y.dtype), y)
+    return add_routed(y, routed_delta(x, stacked, ids, method=method), ids)
+
+
+def add_routed(y: Array, delta: Array, ids: Array) -> Array:
+    """Add a mixed batch's per-row delta to the base output `y` (SW-DTYPE-1, SW-MIXED-1).
+
+    `y` is promoted to the delta's dtype, the delta added and the sum cast back once; rows whose
+    id is `NO_ADAPTER` are `y` exactly. Every mixed-batch integration (the chain, Flax, the
+    Llama model) goes through here.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> add_routed(jnp.ones((2, 3)), jnp.full((2, 3), 0.5), jnp.asarray([0, -1]))[:, 0].tolist()
+        [1.5, 1.0]
+    """
+    ids = jnp.asarray(ids)
+    acc = (y.astype(jnp.result_type(y.dtype, delta.dtype)) + delta).astype(y.dtype)
+    none = (ids == NO_ADAPTER).reshape(ids.shape + (1,) * (y.ndim - 1))
+    return jnp.where(none, y, acc)

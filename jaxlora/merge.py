@@ -47,6 +47,18 @@ def _labelled(adapters: Adapter | Sequence[Adapter] | Mapping[str, Adapter]) -> 
             f"mapping `name -> adapter`; got a mapping with values of types "
             f"{sorted({type(v).__name__ for v in values})}."
         )
+    if isinstance(adapters, str) or not isinstance(adapters, Sequence):
+        raise ConfigError(
+            f"expected an adapter (`layer path -> LoraWeights`), a sequence of adapters or a "
+            f"mapping `name -> adapter`; got {adapters!r}. To merge by name: "
+            "merge(params, bank[name])."
+        )
+    for i, ad in enumerate(adapters):
+        if not isinstance(ad, Mapping) or not all(isinstance(w, LoraWeights) for w in ad.values()):
+            raise ConfigError(
+                f"adapter #{i}: expected a mapping `layer path -> LoraWeights`, got "
+                f"{type(ad).__name__}."
+            )
     return [(f"adapter #{i}", ad) for i, ad in enumerate(adapters)]
 
 

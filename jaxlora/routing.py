@@ -45,7 +45,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from .bank import NO_ADAPTER
 from .errors import ConfigError, ShapeMismatchError
 from .weights import LoraWeights
 
@@ -163,6 +165,26 @@ def routed_delta(x: Array, stacked: LoraWeights, ids: Array, *, method: str = "a
     _check(x, stacked, ids)
     if method == "auto":
         method = choose_method(tuple(x.shape), stacked)
+    slots = stacked.a.shape[0]
+    _check_ids_in_range(ids, slots)
     dtype = jnp.result_type(x.dtype, stacked.a.dtype)
     d = _KERNELS[method](x, stacked, ids, dtype)
-    return jnp.where(_row_mask(ids >= 0, d.ndim), d, jnp.zeros((), dtype))
+    d = jnp.where(_row_mask(ids == NO_ADAPTER, d.ndim), jnp.zeros((), dtype), d)
+    # SW-ROUTE-4: under jit an out-of-range id cannot raise; its row turns NaN, never a silent
+    # fallback to the base model or to another slot.
+    out_of_range = (ids < NO_ADAPTER) | (ids >= slots)
+    return jnp.where(_row_mask(out_of_range, d.ndim), jnp.asarray(jnp.nan, dtype), d)
+
+
+def _check_ids_in_range(ids: Array, slots: int) -> None:
+    """Raise for ids outside `[-1, slots)` when they are concrete (outside `jit`)."""
+    try:
+        concrete = np.asarray(ids)
+    except jax.errors.TracerArrayConversionError:  # traced: checked by the NaN rows instead
+        return
+    bad = concrete[(concrete < NO_ADAPTER) | (concrete >= slots)]
+    if bad.size:
+        raise ConfigError(
+            f"slot ids must be in [-1, {slots}) (-1: no adapter); got "
+            f"{sorted(set(bad.tolist()))[:10]}. Build ids with StackedBank.ids(names)."
+        )

@@ -56,9 +56,11 @@ def make_mesh(data: int | None = None, slot: int = 1, *, devices: Any = None) ->
         ('data', 'slot')
     """
     devices = list(jax.devices() if devices is None else devices)
+    if slot < 1:
+        raise ConfigError(f"make_mesh: `slot` must be a positive device count, got {slot}.")
     if data is None:
         data = len(devices) // slot
-    if data < 1 or slot < 1 or data * slot > len(devices):
+    if data < 1 or data * slot > len(devices):
         raise ConfigError(
             f"a mesh of data={data} x slot={slot} devices needs {data * slot} devices; "
             f"{len(devices)} are available. Pick sizes whose product is <= {len(devices)}."

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from .bank import StackedBank
+from .bank import StackedBank, check_adapter
 from .errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -79,6 +79,7 @@ def slot_weights(stacked: StackedBank, adapter: Adapter, *, label: str = "adapte
     """
     if not isinstance(adapter, Mapping):
         raise ConfigError(f"{label}: expected a mapping `layer path -> LoraWeights`.")
+    adapter = check_adapter("slot", adapter, label=label)  # shapes, dtypes, as AdapterBank does
     unknown = sorted(set(adapter) - set(stacked.weights))
     if unknown:
         raise TargetNotFoundError(

@@ -176,8 +176,15 @@ class LoraConfig:
             raise ConfigError(
                 f"LoraConfig: `lora_alpha` must be a finite number, got {self.lora_alpha!r}."
             )
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, field_name)
+            if not isinstance(pattern, Mapping) or not all(isinstance(k, str) for k in pattern):
+                raise ConfigError(
+                    f"LoraConfig: `{field_name}` must map module-name patterns (str) to values, "
+                    f"got {pattern!r}. Example: {field_name}={{'v_proj': 4}}."
+                )
         for key, value in self.rank_pattern.items():
-            if not isinstance(value, int | np.integer) or value <= 0:
+            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(
                     f"LoraConfig: rank_pattern[{key!r}] must be a positive integer, got {value!r}."
                 )

@@ -133,6 +133,11 @@ def test_generate_command_writes_results_equal_to_generate(demo, tmp_path, capsy
         ({"text": "hello"}, "line 2: `text` needs a tokenizer"),
         ({"tokens": "1 2"}, "line 2: `tokens` must be a list of ints"),
         ({"tokens": [1], "max_new_tokens": 0}, "line 2: `max_new_tokens` must be a positive"),
+        ({"tokens": [1], "adapter": []}, "line 2: `adapter` must be a name (a string) or null"),
+        ({"tokens": [1], "adapter": 3}, "line 2: `adapter` must be a name (a string) or null"),
+        ({"tokens": []}, "line 2: the prompt is empty"),
+        ({"tokens": [1, 128]}, "line 2: token id 128 outside the model's vocabulary [0, 128)"),
+        ({"tokens": [-1]}, "line 2: token id -1 outside the model's vocabulary"),
     ],
 )
 def test_generate_command_rejects_bad_lines(demo, tmp_path, capsys, line, words):
@@ -153,6 +158,99 @@ def test_generate_command_rejects_bad_lines(demo, tmp_path, capsys, line, words)
     assert not (tmp_path / "out.jsonl").exists()
     assert cli.main([*argv, "--adapter", "oops"]) == 2
     assert "--adapter expects NAME=DIR, got 'oops'" in capsys.readouterr().err
+
+
+def _generate_argv(root, requests, out, *extra):
+    argv = ["generate", "--model", str(root / "llama"), "--requests", str(requests)]
+    return [*argv, "--out", str(out), *extra]
+
+
+@pytest.mark.clause("SW-CLI-2")
+def test_generate_command_errors_name_the_request_line(demo, tmp_path, capsys):
+    """SW-CLI-2: an empty or out-of-vocabulary prompt names its line, not its row in a batch."""
+    root, _, _ = demo
+    good = {"tokens": [1, 2]}
+    for bad, words in [
+        ({"tokens": []}, "line 4: the prompt is empty"),
+        ({"tokens": [1, 500]}, "line 4: token id 500 outside"),
+    ]:
+        _write_lines(tmp_path / "in.jsonl", [good, good, good, bad])
+        argv = _generate_argv(
+            root, tmp_path / "in.jsonl", tmp_path / "o.jsonl", "--batch-size", "2"
+        )
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert words in err and "prompt 1" not in err, err
+        assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.clause("SW-CLI-2")
+def test_generate_command_refuses_bad_files_and_options(demo, tmp_path, capsys):
+    """SW-CLI-2: non-UTF-8 input, a non-string `text`, a NaN temperature and batch size 0 exit 2."""
+    root, _, _ = demo
+    out = tmp_path / "o.jsonl"
+    requests = tmp_path / "in.jsonl"
+    requests.write_bytes(b'{"tokens": [1]}\n{"tokens": [1], "id": "\xff\xfe"}\n')
+    assert cli.main(_generate_argv(root, requests, out)) == 2
+    err = capsys.readouterr().err
+    assert f"{requests} line 2: not UTF-8 text" in err and "Traceback" not in err
+    _write_lines(requests, [{"tokens": [1]}])
+    for extra, words in [
+        (
+            ["--temperature", "nan"],
+            "--temperature must be a finite number >= 0 (0 = greedy), got nan",
+        ),
+        (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+        (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    ]:
+        assert cli.main(_generate_argv(root, requests, out, *extra)) == 2
+        assert words in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.clause("SW-CLI-2")
+def test_generate_command_text_must_be_a_string(tmp_path):
+    """SW-CLI-2: with a tokenizer, a `text` that is not a string is refused naming the line."""
+    from jaxlora.commands.generate import RequestError, read_requests
+
+    _write_lines(tmp_path / "in.jsonl", [{"text": "hi"}, {"text": ["hi"]}])
+    tokenizer = lambda text: {"input_ids": [1] + [ord(c) % 50 for c in text]}  # noqa: E731
+    with pytest.raises(RequestError, match=r"line 2: `text` must be a string, got list"):
+        read_requests(tmp_path / "in.jsonl", set(), 4, tokenizer, vocab_size=50)
+    assert issubclass(RequestError, jaxlora.errors.ConfigError)
+
+
+@pytest.mark.clause("SW-CLI-1")
+@pytest.mark.parametrize("n", ["0", "1"])
+def test_llama_demo_needs_two_new_tokens(demo, monkeypatch, capsys, n):
+    """SW-CLI-1: --max-new-tokens below 2 exits 2 with a message instead of a traceback."""
+    root, _, _ = demo
+    monkeypatch.setenv("JAXLORA_CACHE", str(root))
+    assert cli.main(["demo", "--max-new-tokens", n]) == 2
+    assert f"--max-new-tokens must be at least 2 (the decode step only runs from the second " \
+        f"token on), got {n}" in capsys.readouterr().err  # fmt: skip
+
+
+@pytest.mark.clause("SW-CLI-1")
+def test_llama_demo_twice_in_one_process(demo, monkeypatch, capsys):
+    """SW-CLI-1: a second demo in the same process (step already compiled) still passes, adding
+    0 decode compiles, and a recompiling second batch fails."""
+    root, _, _ = demo
+    monkeypatch.setenv("JAXLORA_CACHE", str(root))
+    assert cli.main(["demo"]) == 0
+    assert re.search(r"decode-step compiles .*: 0$", capsys.readouterr().out, re.M)
+    real = generate_module.generate
+    calls = []
+
+    def recompile_second_batch(model, bank, prompts, adapters=None, **kw):
+        calls.append(adapters)
+        if len(calls) == 2:  # the second mixed batch: force a new decode-step shape
+            kw["max_new_tokens"] += 1
+        return real(model, bank, prompts, adapters, **kw)
+
+    monkeypatch.setattr(generate_module, "generate", recompile_second_batch)
+    assert cli.main(["demo"]) == 1
+    assert "recompiled" in capsys.readouterr().err
 
 
 @pytest.mark.clause("SW-CLI-3")

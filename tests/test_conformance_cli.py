@@ -1,7 +1,7 @@
 """`python -m conformance`: exit codes, table, JSON report, --clauses, skips/xfails files.
 
 Clauses: SW-SUITE-1 (driver loading, the peft skip), SW-SUITE-3 (exit status), SW-SUITE-5
-(table and JSON), SW-SUITE-6 (skips/xfails files).
+(table and JSON), SW-SUITE-6 (skips/xfails files), SW-SUITE-7 (--max-examples / --steps).
 """
 
 from __future__ import annotations
@@ -99,6 +99,51 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert code == 2 and "unknown driver 'nonexistent'" in out.err
     code, out = _run(capsys, "--driver", "reference", "--skips", str(tmp_path / "none.txt"))
     assert code == 2 and "skips/xfails file" in out.err
+
+
+@pytest.mark.clause("SW-SUITE-7")
+@pytest.mark.parametrize("flag", ["--max-examples", "--steps"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_too_few_examples_or_steps_is_a_usage_error(capsys, flag, value):
+    """SW-SUITE-7: --max-examples / --steps below 1 exit 2 with a message naming the flag and
+    the value, and nothing is run (no clause is blamed on the driver)."""
+    code = main(["--driver", "reference", "--clauses", "SW-SCALE-1", flag, value])
+    out = capsys.readouterr()
+    assert code == 2
+    assert f"{flag}) must be an integer >= 1, got {value}" in out.err
+    assert "FAIL" not in out.out and "SW-SCALE-1" not in out.out
+
+
+@pytest.mark.clause("SW-SUITE-1")
+@pytest.mark.parametrize(
+    "source, factory, expected",
+    [
+        ("def broken(:\n", "Driver", "SyntaxError"),
+        ("raise RuntimeError('vendor init failed')\n", "Driver", "vendor init failed"),
+        ("import no_such_dependency_xyz\n", "Driver", "no_such_dependency_xyz"),
+        (
+            "def make():\n    raise RuntimeError('no GPU found')\n",
+            "make",
+            "the driver factory",
+        ),
+    ],
+    ids=["syntax-error", "import-raises", "import-error", "factory-raises"],
+)
+def test_driver_that_fails_to_load_exits_2(tmp_path, capsys, source, factory, expected):
+    """SW-SUITE-1: a driver file with a syntax error, a failing import, or a factory that raises
+    is refused with a DriverLoadError (CLI exit 2 and a message), not a traceback."""
+    path = tmp_path / "vendor_driver.py"
+    path.write_text(source)
+    with pytest.raises(loader.DriverLoadError, match=re.escape(expected)):
+        loader.load_driver(f"{path}:{factory}")
+    code, out = _run(capsys, "--driver", f"{path}:{factory}")
+    assert code == 2
+    assert out.err.startswith("error: ") and expected in out.err
+    assert "Traceback" not in out.out + out.err and "FAIL" not in out.out
+    if factory == "make":
+        assert "RuntimeError: no GPU found" in out.err and "no arguments" in out.err
+    else:
+        assert "cannot import driver module" in out.err and str(path) in out.err
 
 
 @pytest.mark.clause("SW-SUITE-1")

@@ -13,8 +13,9 @@ import pytest
 
 from conformance.drivers.reference import ReferenceDriver
 from conformance.loader import DriverLoadError, driver_problems, load_driver
-from conformance.registry import CHECKS, NOT_APPLICABLE
-from conformance.runner import RunConfig, run_suite, spec_clauses
+from conformance.registry import CHECKS, NOT_APPLICABLE, Check
+from conformance.runner import RunConfig, check_seed, run_suite, spec_clauses
+from jaxlora.errors import ConfigError
 
 SPEC = list(spec_clauses())
 OBSERVABLE = [c for c in SPEC if c not in NOT_APPLICABLE]
@@ -147,6 +148,44 @@ def test_runs_are_reproducible():
     assert first[0] == "fail" and first[1]
     assert run(None) == first
     assert run(12345)[0] == "fail"
+
+
+def _drawn(run_seed):
+    """The integers a one-check run draws with `run_seed` (RunConfig.seed)."""
+    from hypothesis import strategies as st
+
+    drawn = []
+    check = Check(
+        "check_record_draws",
+        ("SW-SUITE-7",),
+        frozenset(),
+        fn=lambda driver, case: drawn.append(case),
+        cases=lambda driver: st.integers(0, 2**62),
+    )
+    run_suite(ReferenceDriver(), RunConfig(max_examples=5, seed=run_seed), checks=[check])
+    return drawn
+
+
+@pytest.mark.clause("SW-SUITE-7")
+def test_seed_zero_is_a_seed():
+    """SW-SUITE-7: --seed 0 changes the examples like any other seed (it is not the default run);
+    the same seed repeats them; different seeds give different check seeds."""
+    assert _drawn(None) == _drawn(None)
+    assert _drawn(0) == _drawn(0)
+    assert _drawn(0) != _drawn(None)
+    assert _drawn(1) != _drawn(0)
+    seeds = {check_seed("check_x", s) for s in (None, 0, 1, -1, 2, -2)}
+    assert len(seeds) == 6
+
+
+@pytest.mark.clause("SW-SUITE-7")
+def test_run_config_refuses_no_examples():
+    """SW-SUITE-7: max_examples and steps below 1 are refused with a ConfigError naming the
+    setting and the bad value (not run, and not blamed on the driver)."""
+    with pytest.raises(ConfigError, match=r"max_examples \(--max-examples\) must be .*>= 1, got 0"):
+        RunConfig(max_examples=0)
+    with pytest.raises(ConfigError, match=r"steps \(--steps\) must be .*>= 1, got -3"):
+        RunConfig(steps=-3)
 
 
 @pytest.mark.clause("SW-SUITE-2")

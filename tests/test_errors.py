@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import jaxlora
+import jaxlora.sharding
 from jaxlora import errors
 from jaxlora.models import read_config
 
@@ -99,6 +100,54 @@ CASES: list[tuple[type, str, str, Callable[[World], object]]] = [
         "SW-ACTIVE-3",
         r"'gamma'.*'alpha', 'beta'",
         lambda w: jaxlora.combine(w.bank, ["alpha", "gamma"], [1.0, 1.0]),
+    ),
+    (
+        errors.ConfigError,
+        "SW-BANK-1",
+        r"adapter names must be non-empty strings, got \['x'\]",
+        lambda w: w.bank.add(["x"], w.bank["beta"]),
+    ),
+    (
+        errors.ConfigError,
+        "SW-ACTIVE-1",
+        r"`active` must be jaxlora.select\(bank, ...\).*got str",
+        lambda w: jaxlora.forward(w.model, w.x, "alpha"),
+    ),
+    (
+        errors.ConfigError,
+        "SW-MERGE-1",
+        r"got 'alpha'\. To merge by name: merge\(params, bank\[name\]\)",
+        lambda w: jaxlora.merge(w.model, "alpha"),
+    ),
+    (
+        errors.ConfigError,
+        "SW-CONFIG-1",
+        r"`rank_pattern` must map module-name patterns \(str\) to values, got \[\('q', 2\)\]",
+        lambda w: jaxlora.LoraConfig(rank_pattern=[("q", 2)]),
+    ),
+    (
+        errors.ConfigError,
+        "SW-CONFIG-1",
+        r"rank_pattern\['q'\] must be a positive integer, got True",
+        lambda w: jaxlora.LoraConfig(rank_pattern={"q": True}),
+    ),
+    (
+        errors.ConfigError,
+        "SW-SHARD-1",
+        r"make_mesh: `slot` must be a positive device count, got 0",
+        lambda w: jaxlora.sharding.make_mesh(slot=0),
+    ),
+    (
+        errors.ShapeMismatchError,
+        "SW-SLOT-3",
+        r"adapter 'new', layer 'head': expected a \[in, r\] and b \[r, out\]",
+        lambda w: jaxlora.replace_slot(
+            jaxlora.stack(jaxlora.conform(w.bank)),
+            0,
+            {"head": jaxlora.LoraWeights(jnp.ones((6, 2)), jnp.ones((1, 3)), jnp.asarray(1.0))},
+            name="new",
+            donate=False,
+        ),
     ),
     (
         errors.AdapterExistsError,

@@ -129,7 +129,7 @@ def test_sampling_is_keyed_and_respects_top_k(setup):
             assert token in np.argsort(last[t])[-3:], f"row {i} step {t}: {token} not in top 3"
     for bad, words in [
         (dict(temperature=1.0), "explicit `key"),
-        (dict(temperature=-1.0, key=key), "temperature > 0"),
+        (dict(temperature=-1.0, key=key), "finite number >= 0, got -1.0"),
         (dict(top_k=0), "`top_k` must be in"),
     ]:
         with pytest.raises(ConfigError, match=words):
@@ -169,3 +169,15 @@ def test_generation_input_errors(setup):
         args = dict(prompts=PROMPTS, adapters=ROWS, max_new_tokens=2) | changes
         with pytest.raises(error, match=words):
             generate(model, bank, args.pop("prompts"), args.pop("adapters"), **args)
+
+
+@pytest.mark.clause("SW-GEN-4")
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_temperature_is_refused(setup, temperature):
+    """SW-GEN-4: a NaN or infinite temperature raises ConfigError instead of sampling garbage."""
+    _, model, bank = setup
+    with pytest.raises(ConfigError, match=r"`temperature` must be a finite number >= 0, got"):
+        generate(
+            model, bank, PROMPTS, ROWS, max_new_tokens=2, temperature=temperature,
+            key=jax.random.key(0),
+        )  # fmt: skip

@@ -281,3 +281,41 @@ def test_llama_adapter_paths_and_deltas(tmp_path):
         layer = model.base_model.model.get_submodule(path)
         want = layer.get_delta_weight("default").detach().double().numpy().T
         assert np.allclose(np.asarray(w.delta(), np.float64), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.clause("SW-IO-6")
+def test_pattern_keys_do_not_match_longer_paths(tmp_path):
+    """SW-IO-6: a path that is a dotted suffix of another (`m.q` and `x.m.q`) keeps its own rank
+    and scale through save_peft -> load_peft (pattern keys are anchored), and the resolution the
+    saved config gives equals the oracle's PEFT rule applied to the written patterns."""
+    rng = np.random.default_rng(3)
+
+    def w(rank, scale):
+        a = rng.normal(size=(4, rank)).astype(np.float32)
+        b = rng.normal(size=(rank, 4)).astype(np.float32)
+        return jaxlora.LoraWeights(jnp.asarray(a), jnp.asarray(b), jnp.asarray(scale))
+
+    adapter = {"m.q": w(2, 3.0), "x.m.q": w(4, 1.0), "y.k": w(4, 1.0)}
+    save_peft(tmp_path / "ad", adapter)
+    loaded, config = load_peft_adapter(tmp_path / "ad")
+    raw = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    for path, want in adapter.items():
+        got = loaded[path]
+        assert (got.rank, float(got.scale)) == (want.rank, float(want.scale)), path
+        assert reference.resolve(raw["rank_pattern"], path, raw["r"]) == want.rank, path
+        assert config.rank_for(path) == want.rank, path
+        assert np.array_equal(np.asarray(got.a), np.asarray(want.a))
+
+
+@pytest.mark.clause("SW-IO-6")
+def test_modules_excluded_by_the_config_are_reported(tmp_path):
+    """SW-IO-6: a module the config's `exclude_modules` removes (PEFT would not adapt it) but
+    the weights file holds is loaded with a warning naming it, never silently."""
+    one = jaxlora.LoraWeights(jnp.ones((4, 2)), jnp.ones((2, 4)), jnp.asarray(1.0))
+    save_peft(tmp_path / "ad", {"m.q": one, "m.k": one})
+    path = tmp_path / "ad" / "adapter_config.json"
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "target_modules": ["q", "k"], "exclude_modules": ["k"]}))
+    with pytest.warns(UserWarning, match=r"modules 'm\.k' are not matched by target_modules"):
+        loaded, _ = load_peft_adapter(tmp_path / "ad")
+    assert set(loaded) == {"m.q", "m.k"}

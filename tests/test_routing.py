@@ -139,3 +139,19 @@ def test_bad_arguments_raise_errors_naming_the_shapes():
     flat = LoraWeights(stacked.a[0], stacked.b[0], stacked.scale[0])
     with pytest.raises(ShapeMismatchError, match=r"a \[S, in, R\].*jaxlora.stack"):
         routed_delta(x, flat, jnp.zeros(4, jnp.int32))
+
+
+@pytest.mark.clause("SW-ROUTE-4")
+@pytest.mark.parametrize("method", [*KERNELS, "auto"])
+def test_ids_outside_the_bank_never_fall_back(method):
+    """SW-ROUTE-4: eager calls with ids outside [-1, S) raise naming them; under jit those rows
+    are NaN for every method, while in-range rows (and -1 rows) keep their oracle values."""
+    stacked = stacked_weights(0, 2, 2)
+    x = np.random.default_rng(1).normal(size=(4, D_IN)).astype(np.float32)
+    ids = np.asarray([2, -2, 1, -1], np.int32)
+    with pytest.raises(ConfigError, match=r"must be in \[-1, 2\).*got \[-2, 2\]"):
+        routed_delta(jnp.asarray(x), stacked, jnp.asarray(ids), method=method)
+    d = np.asarray(jax.jit(lambda x, i: routed_delta(x, stacked, i, method=method))(x, ids))
+    assert np.isnan(d[:2]).all()
+    want = oracle_delta(x[2:], stacked, ids[2:])
+    assert reference.allclose(d[2:], want, "float32")[0]

@@ -100,3 +100,28 @@ def test_compare_errors_exit_2(files, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0
+
+
+@pytest.mark.clause("SW-SERVE-12")
+def test_compare_bad_batch_size_and_ignored_adapter_field(files, tmp_path, capsys):
+    """SW-SERVE-12: --batch-size 0 exits 2 naming it; an `adapter` field in a request is
+    ignored (generate-format files are accepted); non-UTF-8 and bad ids exit 2 naming the line."""
+    root, model, bank, _ = files
+    sides = ["--adapter", f"v1={root / 'v1'}", "--adapter", f"v2={root / 'v2'}"]
+    base = ["compare", "--model", str(root / "llama"), *sides, "--max-new-tokens", "2"]
+    reqs = tmp_path / "req.jsonl"
+    reqs.write_text(json.dumps({"tokens": [1, 2], "adapter": "chat"}) + "\n")
+    assert main([*base, "--requests", str(reqs), "--batch-size", "0"]) == 2
+    assert "--batch-size must be positive, got 0" in capsys.readouterr().err
+    out = tmp_path / "out.jsonl"
+    assert main([*base, "--requests", str(reqs), "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["tokens_a"] == generate(model, bank, [[1, 2]], "v1", max_new_tokens=2).rows()[0]
+    for content, words in [
+        (b'{"tokens": [1]}\n\xff\n', "line 2: not UTF-8 text"),
+        (b'{"tokens": [1]}\n{"tokens": [64]}\n', "line 2: token id 64 outside"),
+        (b'{"tokens": [1]}\n{"tokens": []}\n', "line 2: the prompt is empty"),
+    ]:
+        reqs.write_bytes(content)
+        assert main([*base, "--requests", str(reqs)]) == 2
+        assert words in capsys.readouterr().err

@@ -174,3 +174,20 @@ def test_cancelled_and_expired_requests_never_run(setup):
                 pending.future.result(timeout=60)
         counts = scheduler.metrics.snapshot()["requests"]
         assert (counts["cancelled"], counts["timed_out"], counts["served"]) == (1, 1, 1)
+
+
+@pytest.mark.clause("SW-SERVE-5")
+def test_a_row_the_engine_refuses_fails_alone_not_its_batch(setup):
+    """SW-SERVE-5: a bad row (seed above 2**32) in a batch fails alone; the others are served."""
+    model, bank, engine = setup
+    with pytest.raises(ConfigError, match=r"seed must be in \[0, 2\*\*32\)"):
+        engine.check(Row((1,), None, 1, seed=2**40))
+    with Scheduler(engine, window_s=0.3) as scheduler:
+        good = [scheduler.submit(Row((1, 2, 3), name, 3)) for name in ("a0", None)]
+        bad = scheduler.submit(Row((4, 5), "a1", 3, temperature=0.5, seed=2**40))
+        with pytest.raises(ConfigError, match="got 1099511627776"):
+            bad.future.result(timeout=60)
+        for pending, name in zip(good, ("a0", None), strict=True):
+            served = pending.future.result(timeout=60)
+            ref = generate(model, bank, [[1, 2, 3]], name, max_new_tokens=3).rows()[0]
+            assert served.result.tokens == ref and served.batch.rows == 2

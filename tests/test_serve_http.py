@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -18,6 +19,8 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 import jaxlora
+from jaxlora.commands import serve as serve_command
+from jaxlora.errors import ConfigError
 from jaxlora.generate import generate
 from jaxlora.models import Llama, LlamaConfig
 from jaxlora.serve import (
@@ -160,6 +163,8 @@ def test_bad_requests_are_refused_without_disturbing_good_ones(world, server):
         ({"text": "hello"}, 400, "tokenizer"),
         ({"tokens": [1], "max_new_tokens": 0}, 400, "max_new_tokens"),
         ({"tokens": [1], "temperature": -1}, 400, "temperature"),
+        ({"tokens": [1], "seed": 2**40}, 400, "`seed` must be an int in [0, 4294967296)"),
+        ({"tokens": [1], "seed": -1}, 400, "`seed`"),
         ({"tokens": list(range(9))}, 413, "limit of 8"),
         ({"tokens": [1], "max_new_tokens": 7}, 413, "limit of 6"),
     ]
@@ -223,7 +228,7 @@ def test_load_while_in_flight_neither_retraces_nor_changes_results(world, server
             _call, srv.url + "/adapters/late", "POST", {"path": str(world["root"] / "late")}
         )
         replies = [f.result() for f in futures]
-    assert loaded.result()[0] == 201 and loaded.result()[1]["recompiled"] is False
+    assert loaded.result() == (201, {"name": "late", "slot": 8})
     for body, (status, reply) in zip(bodies, replies, strict=True):
         assert status == 200 and reply["tokens"] == _reference(
             world, body["tokens"], body["adapter"]
@@ -369,3 +374,70 @@ def test_ab_split_and_fallback_chain(world):
         assert chained["tokens"] == _reference(world, prompt, NAMES[6])
     finally:
         srv.stop()
+
+
+@pytest.mark.clause("SW-SERVE-13")
+def test_a_failing_classifier_is_answered_500_with_json_and_counted(world):
+    """SW-SERVE-13: a classifier that raises gets a JSON 500 naming the error; metrics count it."""
+
+    def classifier(body):
+        if body.get("explode"):
+            raise RuntimeError("classifier exploded")
+        return None
+
+    srv, _ = _serve(world, hooks=RoutingHooks(classifier=classifier))
+    try:
+        status, reply = _gen(srv.url, {"tokens": [1, 2], "explode": True})
+        assert status == 500 and reply["type"] == "RuntimeError"
+        assert "RuntimeError: classifier exploded" in reply["error"]
+        status, reply = _gen(srv.url, {"tokens": [1, 2], "max_new_tokens": NEW})
+        assert status == 200 and reply["tokens"] == _reference(world, [1, 2], None)
+        assert _metrics(srv.url)["responses"] == {"200": 1, "500": 1}
+    finally:
+        srv.stop()
+
+
+@pytest.mark.clause("SW-SERVE-6", "SW-SERVE-10")
+def test_the_timeout_covers_all_fallback_attempts_together(world):
+    """SW-SERVE-6, SW-SERVE-10: a chain whose attempts together outlast `timeout` gets 504."""
+
+    def slow_confidence(body, result):
+        time.sleep(0.4)
+        return -1.0
+
+    hooks = RoutingHooks(
+        fallbacks=[parse_fallback(f"code={NAMES[2]},{NAMES[3]},base")],
+        confidence=slow_confidence,
+        min_confidence=0.0,
+    )
+    srv, _ = _serve(world, hooks=hooks)
+    try:
+        body = {"tokens": [1, 2], "adapter": "code", "max_new_tokens": 2}
+        status, reply = _gen(srv.url, body | {"timeout": 0.6})
+        assert status == 504 and "timeout of 0.6" in reply["error"], reply
+        status, reply = _gen(srv.url, body | {"timeout": 30})
+        assert status == 200 and len(reply["route"]["attempts"]) == 3
+    finally:
+        srv.stop()
+
+
+def _serve_args(world, *extra):
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser)
+    late = f"late={world['root'] / 'late'}"
+    return parser.parse_args(["--model", str(world["root"]), "--adapter", late, *extra])
+
+
+@pytest.mark.clause("SW-SERVE-14")
+def test_serve_refuses_a_bad_timeout_and_unknown_routing_adapters(world, monkeypatch):
+    """SW-SERVE-14: --timeout <= 0 and --split/--fallback naming unloaded adapters fail at start."""
+    monkeypatch.setattr(jaxlora.models, "load_llama", lambda directory: world["model"])
+    for bad in ("0", "-1", "inf"):
+        with pytest.raises(ConfigError, match=f"--timeout must be .* got {bad}"):
+            serve_command.build_service(_serve_args(world, "--timeout", bad))
+    args = _serve_args(world, "--split", "t=late:0.5,typo:0.5", "--fallback", "c=late,gone,base")
+    with pytest.raises(ConfigError, match=r"'gone', 'typo' that are not loaded\. Loaded: 'late'"):
+        serve_command.build_service(args)
+    assert serve_command.run(args) == 2
+    service = serve_command.build_service(_serve_args(world, "--split", "t=late:0.5,base:0.5"))
+    assert set(service.engine.adapters()) == {"late"} and service.timeout_s == 60.0

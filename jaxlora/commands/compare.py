@@ -3,7 +3,8 @@
 Every request is generated greedily under adapter A and adapter B in one mixed batch; the
 report gives, per request, both token lists, the first position where they differ, the fraction
 of equal positions and `KL(p_A || p_B)` of the next-token distributions after the prompt
-(spec SW-SERVE-12). Either side may be `base` (the model without adapter).
+(spec SW-SERVE-12). Either side may be `base` (the model without adapter). Request lines use the
+`jaxlora generate` format; their `adapter` field, if any, is ignored (both sides run on each).
 
 Example:
     $ jaxlora compare --model llama/ --adapter v1=adapters/v1 --adapter v2=adapters/v2 \\
@@ -31,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=DIR",
         help="exactly two: NAME=DIR, or `base` for the model alone",
     )
-    parser.add_argument("--requests", type=Path, required=True, help="JSONL with `tokens`")
+    parser.add_argument(
+        "--requests", type=Path, required=True, help="JSONL with `tokens` (`adapter` is ignored)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSONL report (default: stdout)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="default per request")
     parser.add_argument("--batch-size", type=int, default=8, help="requests per batch")
@@ -104,9 +107,13 @@ def run(args: argparse.Namespace) -> int:
             if spec != "base" and (not sep or not name or not directory):
                 raise RequestError(f"--adapter expects NAME=DIR or base, got {spec!r}.")
             sides.append(None if spec == "base" else (name, directory))
-        names = {s[0] for s in sides if s is not None}
-        requests = read_requests(args.requests, names, args.max_new_tokens)
+        if args.batch_size < 1:
+            raise RequestError(f"--batch-size must be positive, got {args.batch_size}.")
         model = load_llama(args.model)
+        # Both sides run on every request, so a line's own `adapter` field is ignored.
+        requests = read_requests(
+            args.requests, None, args.max_new_tokens, vocab_size=model.config.vocab_size
+        )
         bank = jaxlora.AdapterBank()
         for side in sides:
             if side is not None and side[0] not in bank:

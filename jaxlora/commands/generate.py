@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
+
 __all__ = ["RequestError", "add_arguments", "read_requests", "run"]
 
 
-class RequestError(ValueError):
-    """A request line is malformed (exit status 2)."""
+class RequestError(ConfigError):
+    """A request line or option is malformed (exit status 2); a `ConfigError` (`ValueError`)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,13 +57,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def read_requests(path: Path, adapters: set[str], default_max: int, tokenizer=None) -> list[dict]:
-    """Parse and validate every line; raises `RequestError` naming the line."""
+def read_requests(
+    path: Path,
+    adapters: set[str] | None,
+    default_max: int,
+    tokenizer=None,
+    vocab_size: int | None = None,
+) -> list[dict]:
+    """Parse and validate every line; raises `RequestError` naming the line.
+
+    `adapters=None` ignores each line's `adapter` field (every request gets `adapter: None`);
+    with `vocab_size`, token ids outside `[0, vocab_size)` are refused here, per line.
+    """
     requests = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, data in enumerate(path.read_bytes().splitlines(), start=1):
+        where = f"{path} line {number}"
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RequestError(
+                f"{where}: not UTF-8 text ({err}); write the requests file as UTF-8 JSONL."
+            ) from None
         if not line.strip():
             continue
-        where = f"{path} line {number}"
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as err:
@@ -68,7 +87,13 @@ def read_requests(path: Path, adapters: set[str], default_max: int, tokenizer=No
         if not isinstance(raw, dict):
             raise RequestError(f"{where}: expected a JSON object, got {type(raw).__name__}.")
         name = raw.get("adapter")
-        if name is not None and name not in adapters:
+        if adapters is None:
+            name = None
+        elif name is not None and not isinstance(name, str):
+            raise RequestError(
+                f"{where}: `adapter` must be a name (a string) or null, got {name!r}."
+            )
+        elif name is not None and name not in adapters:
             known = ", ".join(sorted(adapters)) or "(none)"
             raise RequestError(
                 f"{where}: unknown adapter {name!r}; load it with --adapter {name}=DIR "
@@ -86,9 +111,21 @@ def read_requests(path: Path, adapters: set[str], default_max: int, tokenizer=No
                     f"{where}: `text` needs a tokenizer in the checkpoint directory; "
                     "send `tokens` (token ids) instead."
                 )
+            if not isinstance(raw["text"], str):
+                raise RequestError(
+                    f"{where}: `text` must be a string, got {type(raw['text']).__name__}."
+                )
             tokens = list(tokenizer(raw["text"])["input_ids"])
         else:
             raise RequestError(f"{where}: needs `tokens` (a list of ids) or `text`.")
+        if not tokens:
+            raise RequestError(f"{where}: the prompt is empty; give at least one token.")
+        if vocab_size is not None:
+            bad = [t for t in tokens if not 0 <= t < vocab_size]
+            if bad:
+                raise RequestError(
+                    f"{where}: token id {bad[0]} outside the model's vocabulary [0, {vocab_size})."
+                )
         limit = raw.get("max_new_tokens", default_max)
         if not isinstance(limit, int) or limit < 1:
             raise RequestError(f"{where}: `max_new_tokens` must be a positive int, got {limit!r}.")
@@ -154,9 +191,15 @@ def run(args: argparse.Namespace) -> int:
             named[name] = Path(directory)
         if args.batch_size < 1:
             raise RequestError(f"--batch-size must be positive, got {args.batch_size}.")
+        if not math.isfinite(args.temperature) or args.temperature < 0:
+            raise RequestError(
+                f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}."
+            )
         model = load_llama(args.model)
         tokenizer = _tokenizer(args.model)
-        requests = read_requests(args.requests, set(named), args.max_new_tokens, tokenizer)
+        requests = read_requests(
+            args.requests, set(named), args.max_new_tokens, tokenizer, model.config.vocab_size
+        )
         bank = jaxlora.AdapterBank()
         for name, directory in named.items():
             adapter, _ = jaxlora.io.load_peft_adapter(

@@ -58,10 +58,14 @@ def _classifier(spec: str | None):
 def build_service(args: argparse.Namespace):
     """The `Service` the arguments describe (adapters loaded, not yet warmed up)."""
     import jaxlora
-    from jaxlora.errors import ConfigError
+    from jaxlora.errors import ConfigError, format_names
     from jaxlora.models import load_llama
     from jaxlora.serve import Buckets, Engine, RoutingHooks, Service, parse_fallback, parse_split
 
+    if not 0 < args.timeout < math.inf:
+        raise ConfigError(
+            f"--timeout must be a finite number of seconds > 0, got {args.timeout}; e.g. 60."
+        )
     model = load_llama(args.model)
     adapters = {}
     for spec in args.adapter:
@@ -87,6 +91,13 @@ def build_service(args: argparse.Namespace):
         fallbacks=[parse_fallback(s) for s in args.fallback],
         min_confidence=args.min_confidence,
     )
+    unknown = sorted(hooks.names() - set(engine.adapters()))
+    if unknown:
+        raise ConfigError(
+            f"--split/--fallback name adapter(s) {format_names(unknown)} that are not loaded. "
+            f"Loaded: {format_names(sorted(engine.adapters()))} (and 'base'); load them with "
+            "--adapter NAME=DIR or fix the names."
+        )
     tokenizer = None
     if (args.model / "tokenizer.json").is_file():
         import transformers

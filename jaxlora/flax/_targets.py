@@ -30,7 +30,7 @@ from ..errors import (
     UnsupportedFeatureError,
     format_names,
 )
-from ..layer import lora_delta
+from ..layer import add_routed, lora_delta
 from ..routing import routed_delta
 from ..weights import LoraWeights
 
@@ -152,14 +152,12 @@ def add_lora(spec: DenseSpec, x: Array, y: Array, request: LoraRequest) -> Array
     else:
         deltas = [lora_delta(x2, w) for w in weights]
     out_shape = y.shape[: y.ndim - n_out] + spec.out_shape
+    if request.stacked is not None:
+        return add_routed(y, deltas[0].reshape(out_shape), request.ids)
     acc = y.astype(jnp.result_type(y.dtype, *(d.dtype for d in deltas)))
     for d in deltas:
         acc = acc + d.reshape(out_shape)
-    out = acc.astype(y.dtype)
-    if request.stacked is not None:
-        valid = (request.ids >= 0).reshape(request.ids.shape + (1,) * (y.ndim - 1))
-        out = jnp.where(valid, out, y)
-    return out
+    return acc.astype(y.dtype)
 
 
 def check_targets(request: LoraRequest, layers: Mapping[str, DenseSpec]) -> None:

@@ -136,6 +136,12 @@ def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
+def _exact(path: str) -> str:
+    """A pattern key matching exactly `path` under PEFT's `(.*\\.)?(key)$` rule: anchored with
+    `^` so that it does not also match longer paths ending in `.path` (SW-IO-6)."""
+    return "^" + re.escape(path)
+
+
 def derive_config_dict(
     layers: Mapping[str, tuple[int, float]],
     *,
@@ -148,13 +154,13 @@ def derive_config_dict(
         layers: PEFT module path -> (rank, scale).
 
     `r` is the most common rank, `lora_alpha` the most common `scale * rank`; modules that
-    differ get an exact (escaped) key in `rank_pattern` / `alpha_pattern`. `use_rslora` is
-    false, so PEFT's scale `lora_alpha / r` is exactly the stored scale.
+    differ get an exact (escaped, `^`-anchored) key in `rank_pattern` / `alpha_pattern`.
+    `use_rslora` is false, so PEFT's scale `lora_alpha / r` is exactly the stored scale.
 
     Example:
         >>> d = derive_config_dict({"m.q": (4, 2.0), "m.v": (2, 2.0)})
         >>> d["r"], d["lora_alpha"], d["rank_pattern"], d["alpha_pattern"]
-        (4, 8, {'m\\\\.v': 2}, {'m\\\\.v': 4})
+        (4, 8, {'^m\\\\.v': 2}, {'^m\\\\.v': 4})
     """
     if not layers:
         raise ConfigError("cannot save an adapter with no layers: it targets nothing.")
@@ -169,8 +175,8 @@ def derive_config_dict(
         "lora_alpha": _number(alpha),
         "use_rslora": False,
         "target_modules": sorted(layers),
-        "rank_pattern": {re.escape(p): int(rk) for p, (rk, _) in layers.items() if rk != r},
-        "alpha_pattern": {re.escape(p): _number(a) for p, a in alphas.items() if a != alpha},
+        "rank_pattern": {_exact(p): int(rk) for p, (rk, _) in layers.items() if rk != r},
+        "alpha_pattern": {_exact(p): _number(a) for p, a in alphas.items() if a != alpha},
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,

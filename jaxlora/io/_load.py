@@ -159,7 +159,8 @@ def load_peft_adapter(
         path: a directory with `adapter_config.json` and `adapter_model.safetensors`.
         key_map: PEFT module path (prefix `base_model.model.` removed) -> jaxlora path;
             default identity.
-        dtype: cast the factors to this dtype; default: as stored.
+        dtype: cast the factors to this dtype; default: as stored (F64 becomes float32 unless
+            `jax_enable_x64` is on, as for any JAX array).
         layer_shapes: optional model (see `validate_against`) to check the adapter against.
         name: the adapter's name, for messages.
 
@@ -175,7 +176,11 @@ def load_peft_adapter(
     modules = _factors(read_tensors(weights_path), where)
     key_map = key_map or identity
     if config.target_modules is not None:
-        untargeted = [m for m in modules if not match_targets(config.target_modules, [m])]
+        untargeted = [
+            m
+            for m in modules
+            if not match_targets(config.target_modules, [m], config.exclude_modules)
+        ]
         if untargeted:
             warnings.warn(
                 f"{where}: modules {format_names(untargeted)} are not matched by target_modules="

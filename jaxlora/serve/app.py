@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -49,6 +50,9 @@ from .scheduler import Scheduler, Served
 __all__ = ["Service", "create_app"]
 
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request"; never seen by the client
+SEED_LIMIT = 2**32  # seeds feed a uint32 PRNG key
+
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -78,6 +82,11 @@ class Service:
     metrics: Metrics = dataclasses.field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
+        if not 0 < self.timeout_s < float("inf"):
+            raise ConfigError(
+                f"Service: timeout_s must be a finite number of seconds > 0, got "
+                f"{self.timeout_s!r}; e.g. 60."
+            )
         self.scheduler = Scheduler(
             self.engine, window_s=self.window_s, max_pending=self.max_pending, metrics=self.metrics
         )
@@ -128,10 +137,12 @@ async def _json_body(request: Request, limit: int) -> dict[str, Any]:
     return body
 
 
-def _int(body, key, default, minimum=0):
+def _int(body, key, default, minimum=0, limit=None):
     value = body.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"`{key}` must be an int >= {minimum}, got {value!r}.")
+    if limit is not None and value >= limit:
+        raise ConfigError(f"`{key}` must be an int in [{minimum}, {limit}), got {value!r}.")
     return value
 
 
@@ -168,7 +179,12 @@ def _row(service: Service, body: dict[str, Any], request_id: str) -> Row:
         max_new_tokens=_int(body, "max_new_tokens", min(service.default_max_new_tokens, limit), 1),
         temperature=_number(body, "temperature", 0.0),
         top_k=_int(body, "top_k", 0),
-        seed=_int(body, "seed", int(uuid.uuid5(uuid.NAMESPACE_OID, request_id)) % 2**32),
+        seed=_int(
+            body,
+            "seed",
+            int(uuid.uuid5(uuid.NAMESPACE_OID, request_id)) % SEED_LIMIT,
+            limit=SEED_LIMIT,
+        ),
         stop=_ids(body, "stop"),
     )
 
@@ -212,10 +228,18 @@ async def _generate(service: Service, request: Request) -> Response:
     if unknown:
         raise AdapterNotFoundError(f"unknown adapter {unknown[0]!r}; load it or use one of these.")
     attempts = []
+    deadline = time.monotonic() + timeout_s  # one budget for all fallback attempts together
     for i, adapter in enumerate(plan.chain):
         candidate = dataclasses.replace(row, adapter=adapter)
         service.engine.check(candidate)
-        served = await _wait(service, candidate, request, timeout_s)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            service.metrics.count("timed_out")
+            raise RequestTimeoutError(
+                f"no result within the request's timeout of {timeout_s} s ({i} of "
+                f"{len(plan.chain)} fallback attempts done); retry with a larger `timeout`."
+            )
+        served = await _wait(service, candidate, request, remaining)
         if served is None:
             return Response(status_code=CLIENT_CLOSED)
         if len(plan.chain) > 1:
@@ -245,16 +269,25 @@ def create_app(service: Service) -> Starlette:
     """The Starlette app; its lifespan starts and stops the scheduler thread."""
 
     async def generate(request: Request) -> Response:
+        status = CLIENT_CLOSED  # kept only if the handler is cancelled (no response sent)
         try:
-            response = await _generate(service, request)
-        except JaxLoraError as err:
-            extra = {}
-            if isinstance(err, AdapterNotFoundError):
-                extra["adapters"] = [BASE, *sorted(service.engine.adapters())]
-                extra["tasks"] = sorted({*service.hooks.splits, *service.hooks.fallbacks})
-            response = _error(_status(err), str(err), **extra)
-        service.metrics.record_status(response.status_code)
-        return response
+            try:
+                response = await _generate(service, request)
+            except JaxLoraError as err:
+                extra = {}
+                if isinstance(err, AdapterNotFoundError):
+                    extra["adapters"] = [BASE, *sorted(service.engine.adapters())]
+                    extra["tasks"] = sorted({*service.hooks.splits, *service.hooks.fallbacks})
+                response = _error(_status(err), str(err), **extra)
+            except Exception as err:  # a classifier, confidence function or tokenizer failed
+                _log.exception("POST /generate failed")
+                response = _error(
+                    500, f"internal error: {type(err).__name__}: {err}", type=type(err).__name__
+                )
+            status = response.status_code
+            return response
+        finally:
+            service.metrics.record_status(status)
 
     async def list_adapters(request: Request) -> Response:
         engine = service.engine
@@ -276,14 +309,10 @@ def create_app(service: Service) -> Starlette:
             body = await _json_body(request, service.max_body_bytes)
             if not isinstance(body.get("path"), str):
                 raise ConfigError('the body must be {"path": "<PEFT adapter directory>"}.')
-            before = service.engine.compile_count()
             slot = await asyncio.to_thread(service.load_dir, name, body["path"])
-            after = service.engine.compile_count()
         except JaxLoraError as err:
             return _error(_status(err), str(err))
-        return JSONResponse(
-            {"name": name, "slot": slot, "recompiled": after != before}, status_code=201
-        )
+        return JSONResponse({"name": name, "slot": slot}, status_code=201)
 
     async def unload_adapter(request: Request) -> Response:
         name = request.path_params["name"]

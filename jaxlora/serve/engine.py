@@ -303,6 +303,8 @@ class Engine:
                 f"token ids must be in [0, {vocab}) (got {bad[:5]}), the prompt non-empty and "
                 f"max_new_tokens >= 1 (got {row.max_new_tokens})."
             )
+        if not 0 <= row.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32) (got {row.seed}); use a 32-bit seed.")
         if row.temperature < 0 or not 0 <= row.top_k <= vocab:
             raise ConfigError(
                 f"temperature must be >= 0 (got {row.temperature}) and top_k in [0, {vocab}] "

@@ -182,28 +182,30 @@ class Scheduler:
         while (taken := self._take_batch()) is not None:
             self._run(taken)
 
+    def _admit(self, p: Pending, loaded) -> bool:
+        """Whether `p` can run in this batch; if not, fail `p` alone (never its batch mates)."""
+        try:
+            self.engine.check(p.row)
+            if p.row.adapter is not None and p.row.adapter not in loaded:
+                raise AdapterNotFoundError(
+                    f"adapter {p.row.adapter!r} was unloaded before the request ran. Loaded: "
+                    f"{format_names(loaded)}."
+                )
+        except Exception as err:
+            self.metrics.count("rejected_invalid")
+            _settle(p.future, error=err)
+            return False
+        return True
+
     def _run(self, taken: list[Pending]) -> None:
-        rows = [p.row for p in taken]
         started = time.monotonic()
         try:
             snapshot = self.engine.snapshot()
-            missing = [r.adapter for r in rows if r.adapter and r.adapter not in snapshot.slots]
-            if missing:  # unloaded while queued: fail those rows only, run the others
-                keep = []
-                for p in taken:
-                    if p.row.adapter in missing:
-                        _settle(
-                            p.future,
-                            error=AdapterNotFoundError(
-                                f"adapter {p.row.adapter!r} was unloaded before the request "
-                                f"ran. Loaded: {format_names(snapshot.slots)}."
-                            ),
-                        )
-                    else:
-                        keep.append(p)
-                taken, rows = keep, [p.row for p in keep]
-                if not taken:
-                    return
+            # unloaded while queued, or a row the engine cannot take: fail those rows only
+            taken = [p for p in taken if self._admit(p, snapshot.slots)]
+            if not taken:
+                return
+            rows = [p.row for p in taken]
             shape = self.engine.padded_shape(len(rows), max(len(r.tokens) for r in rows))
             results = self.engine.run(rows, snapshot)
         except Exception as err:  # a failed batch fails its requests, never the thread
