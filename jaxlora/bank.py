@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,7 @@ __all__ = [
     "StackedBank",
     "check_adapter",
     "conform",
+    "pad_to_rank",
     "select",
     "stack",
 ]
@@ -287,27 +289,31 @@ def conform(bank: AdapterBank, max_rank: int | None = None) -> AdapterBank:
         )
         for path in shapes
     }
-    out = {}
-    for name, adapter in bank._adapters.items():
-        padded = {}
-        for path, (d_in, d_out, _) in shapes.items():
-            dtype = dtypes[path]
-            w = adapter.get(path)
-            if w is None:
-                padded[path] = LoraWeights(
-                    jnp.zeros((d_in, rank), dtype),
-                    jnp.zeros((rank, d_out), dtype),
-                    jnp.zeros((), jnp.float32),
-                )
-                continue
-            extra = rank - w.rank
-            padded[path] = LoraWeights(
-                jnp.pad(jnp.asarray(w.a, dtype), ((0, 0), (0, extra))),
-                jnp.pad(jnp.asarray(w.b, dtype), ((0, extra), (0, 0))),
-                jnp.asarray(w.scale, jnp.float32),
-            )
-        out[name] = padded
+    out = {
+        name: {
+            path: pad_to_rank(adapter.get(path), d_in, d_out, rank, dtypes[path])
+            for path, (d_in, d_out, _) in shapes.items()
+        }
+        for name, adapter in bank._adapters.items()
+    }
     return AdapterBank._trusted(out)
+
+
+def pad_to_rank(w: LoraWeights | None, d_in: int, d_out: int, rank: int, dtype: Any) -> LoraWeights:
+    """`w` with `a`/`b` zero-padded to `rank` and cast to `dtype` (scale float32); all zeros when
+    `w` is None. Changes no output (SW-CONFORM-1, SW-CONFORM-2)."""
+    if w is None:
+        return LoraWeights(
+            jnp.zeros((d_in, rank), dtype),
+            jnp.zeros((rank, d_out), dtype),
+            jnp.zeros((), jnp.float32),
+        )
+    extra = rank - w.rank
+    return LoraWeights(
+        jnp.pad(jnp.asarray(w.a, dtype), ((0, 0), (0, extra))),
+        jnp.pad(jnp.asarray(w.b, dtype), ((0, extra), (0, 0))),
+        jnp.asarray(w.scale, jnp.float32),
+    )
 
 
 @jax.tree_util.register_dataclass

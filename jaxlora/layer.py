@@ -22,7 +22,7 @@ from .errors import ShapeMismatchError
 from .routing import routed_delta
 from .weights import LoraWeights
 
-__all__ = ["add_routed", "check_fits", "lora_delta", "lora_dense", "lora_dense_mixed"]
+__all__ = ["add_deltas", "add_routed", "check_fits", "lora_delta", "lora_dense", "lora_dense_mixed"]
 
 Array = jax.Array
 
@@ -90,7 +90,18 @@ def lora_dense(
         return y
     for w in weights:
         check_fits(tuple(kernel.shape), w)
-    deltas = [lora_delta(x, w) for w in weights]
+    return add_deltas(y, [lora_delta(x, w) for w in weights])
+
+
+def add_deltas(y: Array, deltas: Sequence[Array]) -> Array:
+    """SW-DTYPE-1: `y` promoted to the deltas' dtype, the deltas added in order, the sum cast
+    back to `y`'s dtype once.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> add_deltas(jnp.ones(2, jnp.bfloat16), [jnp.full(2, 0.5)]).dtype
+        dtype(bfloat16)
+    """
     acc = y.astype(jnp.result_type(y.dtype, *(d.dtype for d in deltas)))
     for d in deltas:
         acc = acc + d

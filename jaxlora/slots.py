@@ -32,7 +32,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from .bank import StackedBank, check_adapter
+from .bank import StackedBank, check_adapter, pad_to_rank
 from .errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -93,11 +93,7 @@ def slot_weights(stacked: StackedBank, adapter: Adapter, *, label: str = "adapte
         d_out = st.b.shape[-1]
         w = adapter.get(path)
         if w is None:
-            row[path] = LoraWeights(
-                jnp.zeros((d_in, rank), st.a.dtype),
-                jnp.zeros((rank, d_out), st.b.dtype),
-                jnp.zeros((), st.scale.dtype),
-            )
+            row[path] = pad_to_rank(None, d_in, d_out, rank, st.a.dtype)
             continue
         a, b = jnp.asarray(w.a), jnp.asarray(w.b)
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != d_in or b.shape[1] != d_out:
@@ -111,12 +107,7 @@ def slot_weights(stacked: StackedBank, adapter: Adapter, *, label: str = "adapte
                 f"Rebuild the bank with jaxlora.stack(jaxlora.conform(bank, max_rank="
                 f"{a.shape[1]})) (one recompile), then replace slots freely."
             )
-        extra = rank - a.shape[1]
-        row[path] = LoraWeights(
-            jnp.pad(a.astype(st.a.dtype), ((0, 0), (0, extra))),
-            jnp.pad(b.astype(st.b.dtype), ((0, extra), (0, 0))),
-            jnp.asarray(w.scale, st.scale.dtype),
-        )
+        row[path] = pad_to_rank(w, d_in, d_out, rank, st.a.dtype)
     return row
 
 

@@ -30,7 +30,7 @@ from ..errors import (
     UnsupportedFeatureError,
     format_names,
 )
-from ..layer import add_routed, lora_delta
+from ..layer import add_deltas, add_routed, lora_delta
 from ..routing import routed_delta
 from ..weights import LoraWeights
 
@@ -154,10 +154,7 @@ def add_lora(spec: DenseSpec, x: Array, y: Array, request: LoraRequest) -> Array
     out_shape = y.shape[: y.ndim - n_out] + spec.out_shape
     if request.stacked is not None:
         return add_routed(y, deltas[0].reshape(out_shape), request.ids)
-    acc = y.astype(jnp.result_type(y.dtype, *(d.dtype for d in deltas)))
-    for d in deltas:
-        acc = acc + d.reshape(out_shape)
-    return acc.astype(y.dtype)
+    return add_deltas(y, [d.reshape(out_shape) for d in deltas])
 
 
 def check_targets(request: LoraRequest, layers: Mapping[str, DenseSpec]) -> None:
