@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.routing import choose_method, routed_delta
-from jaxlora.weights import LoraWeights
+from jaxlora.types import LoraWeights
 
 SHAPES = [
     (8, 1, 4),

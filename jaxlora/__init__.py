@@ -7,7 +7,7 @@ Example:
     >>> bank = jaxlora.AdapterBank().add(
     ...     "a", jaxlora.init_adapter(jax.random.key(1), cfg, model.layer_shapes()))
     >>> fwd = jax.jit(jaxlora.forward)
-    >>> y = fwd(model, jnp.ones((2, 8)), jaxlora.select(bank, "a"))
+    >>> y = fwd(model, jnp.ones((2, 8)), lora=jaxlora.select(bank, "a"))
     >>> y.shape
     (2, 4)
 """
@@ -15,19 +15,15 @@ Example:
 from . import errors as errors
 from . import io as io
 from . import numerics as numerics
-from .bank import NO_ADAPTER as NO_ADAPTER
-from .bank import Active as Active
 from .bank import AdapterBank as AdapterBank
-from .bank import StackedBank as StackedBank
 from .bank import conform as conform
 from .bank import select as select
 from .bank import stack as stack
 from .chain import DenseChain as DenseChain
 from .chain import forward as forward
-from .chain import forward_mixed as forward_mixed
-from .layer import lora_delta as lora_delta
-from .layer import lora_dense as lora_dense
-from .layer import lora_dense_mixed as lora_dense_mixed
+from .lora import add_lora as add_lora
+from .lora import lora_delta as lora_delta
+from .lora import lora_dense as lora_dense
 from .merge import combine as combine
 from .merge import merge as merge
 from .merge import unmerge as unmerge
@@ -36,9 +32,15 @@ from .params import get_kernel as get_kernel
 from .params import kernel_paths as kernel_paths
 from .params import with_kernels as with_kernels
 from .slots import replace_slot as replace_slot
-from .weights import Adapter as Adapter
+from .types import NO_ADAPTER as NO_ADAPTER
+from .types import Active as Active
+from .types import Adapter as Adapter
+from .types import LoraSelection as LoraSelection
+from .types import LoraWeights as LoraWeights
+from .types import Routed as Routed
+from .types import Routing as Routing
+from .types import StackedBank as StackedBank
 from .weights import LoraConfig as LoraConfig
-from .weights import LoraWeights as LoraWeights
 from .weights import init_adapter as init_adapter
 from .weights import make_adapter as make_adapter
 from .weights import match_targets as match_targets

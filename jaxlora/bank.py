@@ -12,14 +12,12 @@ Example:
     >>> bank = bank.add("a", jaxlora.init_adapter(jax.random.key(0), cfg(2), shapes))
     >>> bank = bank.add("b", jaxlora.init_adapter(jax.random.key(1), cfg(4), shapes))
     >>> conformed = jaxlora.conform(bank)
-    >>> [w.rank for w in jaxlora.select(conformed, "a")[0].values()]
+    >>> [w.rank for w in jaxlora.select(conformed, "a").adapters[0].values()]
     [4, 4]
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -34,25 +32,18 @@ from .errors import (
     ShapeMismatchError,
     format_names,
 )
-from .weights import Adapter, LoraWeights
+from .lora import check_weights
+from .numerics import check_finite
+from .types import Active, Adapter, LoraWeights, StackedBank
 
 __all__ = [
-    "NO_ADAPTER",
-    "Active",
     "AdapterBank",
-    "StackedBank",
     "check_adapter",
     "conform",
     "pad_to_rank",
     "select",
     "stack",
 ]
-
-#: The per-row id of a mixed-batch row that uses no adapter (spec SW-MIXED-1).
-NO_ADAPTER = -1
-
-#: What `select` returns: the active adapters in order (empty = base model).
-Active = tuple[dict[str, LoraWeights], ...]
 
 
 def _check_name(name: object) -> None:
@@ -77,29 +68,7 @@ def check_adapter(
     for path, w in adapter.items():
         if not isinstance(path, str) or not path:
             raise ConfigError(f"{label}: layer paths must be non-empty strings: {path!r}")
-        if not isinstance(w, LoraWeights):
-            raise ConfigError(
-                f"{label}, layer {path!r}: expected LoraWeights, got {type(w).__name__}."
-            )
-        a_shape, b_shape = tuple(np.shape(w.a)), tuple(np.shape(w.b))
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != b_shape[0]:
-            raise ShapeMismatchError(
-                f"{label}, layer {path!r}: expected a [in, r] and b [r, out], got "
-                f"a{a_shape} and b{b_shape}."
-            )
-        if np.ndim(w.scale) != 0:
-            raise ShapeMismatchError(
-                f"{label}, layer {path!r}: scale must be 0-d, got shape {np.shape(w.scale)}."
-            )
-        dtypes = [
-            x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype for x in (w.a, w.b, w.scale)
-        ]
-        if not all(jnp.issubdtype(d, jnp.floating) for d in dtypes):
-            kinds = sorted({str(d) for d in dtypes})
-            raise ConfigError(
-                f"{label}, layer {path!r}: a, b and scale must be floating point, got "
-                f"{kinds}. Cast them, e.g. jnp.asarray(a, jnp.float32)."
-            )
+        check_weights(w, where=f"{label}, layer {path!r}")
         if not hasattr(w.scale, "dtype"):  # a Python float: make it an array leaf
             w = LoraWeights(w.a, w.b, jnp.asarray(w.scale, jnp.float32))
         checked[path] = w
@@ -198,7 +167,7 @@ class AdapterBank(Mapping[str, dict[str, LoraWeights]]):
 
 
 def select(bank: AdapterBank, active: str | Sequence[str] | None) -> Active:
-    """The active adapters for a forward: a pure lookup, no state (spec SW-ACTIVE-1..3).
+    """The active adapters for a forward: a pure lookup, no state (spec SW-ACTIVE-1..4).
 
     Arguments:
         bank: the adapters.
@@ -206,16 +175,23 @@ def select(bank: AdapterBank, active: str | Sequence[str] | None) -> Active:
             or `None` / `()` for the base model.
 
     Returns:
-        A tuple of adapters (`path -> LoraWeights`), to pass to a jitted forward.
+        An `Active` selection, the `lora=` argument of every forward. The base model
+        (`None` / `()`) on a non-empty bank is the bank's first adapter gated off: it has the
+        structure of `select(bank, name)`, so on a conformed bank one compilation serves every
+        adapter and the base, and the output is bit-identical to the base model (SW-ACTIVE-2).
 
     Example:
         >>> select(AdapterBank(), None)
-        ()
+        Active(adapters=0, layers=[], gate=[])
     """
-    if active is None:
-        return ()
+    if active is None or (
+        isinstance(active, Sequence) and not isinstance(active, str) and not len(active)
+    ):
+        if not bank._adapters:
+            return Active.of()
+        return Active.of(next(iter(bank._adapters.values())), gate=[False])
     if isinstance(active, str):
-        return (bank[active],)
+        return Active.of(bank[active])
     if not isinstance(active, Sequence):
         raise ConfigError(
             f"`active` must be a name, a sequence of names or None, got {type(active).__name__}."
@@ -230,7 +206,7 @@ def select(bank: AdapterBank, active: str | Sequence[str] | None) -> Active:
             f"`active` lists {format_names(duplicates)} more than once; each adapter may be "
             "active once. To weight an adapter, build one with jaxlora.combine."
         )
-    return tuple(bank[name] for name in names)
+    return Active.of(*(bank[name] for name in names))
 
 
 def _layer_shapes(bank: AdapterBank) -> dict[str, tuple[int, int, str]]:
@@ -316,41 +292,6 @@ def pad_to_rank(w: LoraWeights | None, d_in: int, d_out: int, rank: int, dtype: 
     )
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class StackedBank:
-    """Slot-major arrays for mixed batches: per path `a [S, in, R]`, `b [S, R, out]`, `scale [S]`.
-
-    `names[i]` is the adapter in slot `i`; a row with id `NO_ADAPTER` (-1) uses no adapter and
-    costs no slot.
-
-    Example:
-        >>> StackedBank({}, ("a", "b")).ids(["b", None, "a"]).tolist()
-        [1, -1, 0]
-    """
-
-    weights: dict[str, LoraWeights]
-    names: tuple[str, ...] = dataclasses.field(metadata={"static": True})
-
-    @functools.cached_property
-    def _slot_of(self) -> dict[str, int]:
-        """`name -> slot`, built once per bank so `ids` costs O(rows), not O(rows * slots)."""
-        return {name: i for i, name in enumerate(self.names)}
-
-    def slot(self, name: str) -> int:
-        """The slot index of `name`."""
-        try:
-            return self._slot_of[name]
-        except (KeyError, TypeError):
-            raise AdapterNotFoundError(
-                f"no adapter named {name!r} in the stacked bank. Slots: {format_names(self.names)}."
-            ) from None
-
-    def ids(self, rows: Sequence[str | None]) -> np.ndarray:
-        """Per-row slot ids (int32) for a mixed batch; `None` means no adapter."""
-        return np.asarray([NO_ADAPTER if r is None else self.slot(r) for r in rows], dtype=np.int32)
-
-
 def stack(bank: AdapterBank, names: Sequence[str] | None = None) -> StackedBank:
     """Stack a conformed bank's adapters along a leading slot axis, for mixed batches.
 
@@ -408,7 +349,5 @@ def _refuse_non_finite(
     flags = [jnp.all(jnp.isfinite(x)) for w in weights.values() for x in (w.a, w.b, w.scale)]
     if not flags or bool(np.all(np.asarray(jnp.stack(flags)))):
         return
-    from .numerics import check_finite  # numerics imports this module
-
     for name, adapter in zip(names, adapters, strict=True):
         check_finite(adapter, name=name)

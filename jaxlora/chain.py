@@ -22,12 +22,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .bank import Active, StackedBank
-from .errors import ConfigError, ShapeMismatchError, TargetNotFoundError, format_names
-from .layer import check_fits, lora_dense, lora_dense_mixed
-from .weights import LoraWeights
+from .errors import ConfigError, ShapeMismatchError
+from .lora import add_lora, check_selection
+from .types import LoraSelection, Routing
 
-__all__ = ["DenseChain", "forward", "forward_mixed"]
+__all__ = ["DenseChain", "forward"]
 
 Array = jax.Array
 
@@ -101,96 +100,27 @@ class DenseChain:
         return dataclasses.replace(self, kernels=new)
 
 
-def _check_targets(model: DenseChain, adapters: Sequence[Mapping[str, Any]], what: str) -> None:
-    """Every adapter path must name a layer of the model, with matching shapes (SW-TARGET-2)."""
-    shapes = model.layer_shapes()
-    for index, adapter in enumerate(adapters):
-        for path, w in adapter.items():
-            if path not in shapes:
-                raise TargetNotFoundError(
-                    f"{what} #{index} targets layer {path!r}, which the model does not have. "
-                    f"Model layers: {format_names(model.paths)}. Was the adapter made for "
-                    "another model, or does its path need a prefix stripped?"
-                )
-            check_fits(shapes[path], w, f"{what} #{index}, layer {path!r}")
-
-
-def _as_active(active: Any) -> Active:
-    """`select`'s tuple as is; one adapter (`path -> LoraWeights`) as a 1-tuple; else an error."""
-    if isinstance(active, Mapping) and all(isinstance(w, LoraWeights) for w in active.values()):
-        return (active,)
-    if isinstance(active, tuple | list) and all(
-        isinstance(ad, Mapping) and all(isinstance(w, LoraWeights) for w in ad.values())
-        for ad in active
-    ):
-        return tuple(active)
-    raise ConfigError(
-        "`active` must be jaxlora.select(bank, ...) (a tuple of adapters) or one adapter "
-        f"(`layer path -> LoraWeights`); got {type(active).__name__}. Example: "
-        "forward(model, x, jaxlora.select(bank, 'name'))."
-    )
-
-
-def forward(model: DenseChain, x: Array, active: Active = ()) -> Array:
-    """The chain's output with the active adapters applied (SW-MODEL-1, SW-FORWARD-1).
-
-    Arguments:
-        model: the base model.
-        x: `[..., in]`.
-        active: `jaxlora.select(bank, ...)`, or one adapter; adapters not targeting a layer
-            skip it. An
-            adapter path the model lacks raises `TargetNotFoundError` (SW-TARGET-2).
-    """
-    active = _as_active(active)
-    _check_targets(model, active, "active adapter")
-    h = x
-    last = len(model.paths) - 1
-    for i, (path, kernel, bias) in enumerate(
-        zip(model.paths, model.kernels, model.biases, strict=True)
-    ):
-        h = lora_dense(h, kernel, bias, [ad[path] for ad in active if path in ad])
-        if i < last:
-            h = jnp.tanh(h)
-    return h
-
-
-def forward_mixed(
-    model: DenseChain, x: Array, stacked: StackedBank, ids: Array, *, method: str = "auto"
+def forward(
+    model: DenseChain, x: Array, lora: LoraSelection = None, *, routing: Routing = "auto"
 ) -> Array:
-    """The chain with a per-row adapter: row `i` uses slot `ids[i]` (-1: none) (SW-MIXED-1).
+    """The chain's output with the LoRA selection applied (SW-MODEL-1, SW-FORWARD-1).
 
     Arguments:
         model: the base model.
-        x: `[batch, ..., in]`.
-        stacked: `jaxlora.stack(conformed_bank)`.
-        ids: `[batch]` int slot ids (`stacked.ids(names)`), `jaxlora.NO_ADAPTER` for none.
-        method: the routing kernel (`jaxlora.routing.METHODS`).
+        x: `[..., in]` (`[batch, ..., in]` for a mixed batch).
+        lora: `jaxlora.select(bank, ...)`, one adapter, `stacked.route(names)` (row `i` uses
+            its own adapter, SW-MIXED-1) or None (the base model). A path the model lacks
+            raises `TargetNotFoundError` (SW-TARGET-2).
+        routing: the mixed-batch kernel (`jaxlora.routing.ROUTINGS`).
     """
-    if jnp.ndim(ids) != 1 or jnp.shape(ids)[0] != jnp.shape(x)[0]:
-        raise ShapeMismatchError(
-            f"forward_mixed: ids has shape {tuple(jnp.shape(ids))} but x has "
-            f"{jnp.shape(x)[0]} rows (x{tuple(jnp.shape(x))}); give one adapter id per row "
-            "(stacked.ids(names), NO_ADAPTER for a row without adapter)."
-        )
-    one_slot = {  # shapes of one slot, to check the stacked weights fit the model
-        p: LoraWeights(
-            jax.ShapeDtypeStruct(w.a.shape[1:], w.a.dtype),
-            jax.ShapeDtypeStruct(w.b.shape[1:], w.b.dtype),
-            w.scale,
-        )
-        for p, w in stacked.weights.items()
-    }
-    _check_targets(model, [one_slot], "stacked bank")
+    batch = int(jnp.shape(x)[0]) if jnp.ndim(x) else None
+    sel = check_selection(lora, model.layer_shapes(), batch=batch)
     h = x
     last = len(model.paths) - 1
     for i, (path, kernel, bias) in enumerate(
         zip(model.paths, model.kernels, model.biases, strict=True)
     ):
-        w = stacked.weights.get(path)
-        if w is None:
-            h = lora_dense(h, kernel, bias)
-        else:
-            h = lora_dense_mixed(h, kernel, bias, w, ids, method=method)
+        h = add_lora(h @ kernel + bias, h, sel, path, routing=routing)
         if i < last:
             h = jnp.tanh(h)
     return h

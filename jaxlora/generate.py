@@ -12,7 +12,8 @@ Example:
     >>> cfg = jaxlora.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
     >>> bank = jaxlora.AdapterBank().add(
     ...     "a", jaxlora.init_adapter(jax.random.key(0), cfg, model.lora_shapes()))
-    >>> out = generate(model, bank, [[1, 2, 3], [4]], adapters=["a", None], max_new_tokens=4)
+    >>> lora = jaxlora.stack(jaxlora.conform(bank)).route(["a", None])
+    >>> out = generate(model, [[1, 2, 3], [4]], lora=lora, max_new_tokens=4)
     >>> [len(row) for row in out.rows()]
     [4, 4]
 """
@@ -30,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .bank import AdapterBank, StackedBank, conform, select, stack
 from .errors import ConfigError
-from .models.llama import Llama, Routed, check_lora, init_cache
+from .models.llama import Llama, check_lora, init_cache
+from .types import LoraSelection, Routing
 
 __all__ = ["Generation", "compile_counts", "generate"]
 
@@ -75,20 +76,20 @@ def _pick(logits, key, step, temperature, greedy: bool, top_k: int | None):
     return jax.vmap(jax.random.categorical)(keys, logits / temperature).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "method"), donate_argnames=("cache",))
-def _prefill(graphdef, state, tokens, mask, cache, lora, method):
+@functools.partial(jax.jit, static_argnames=("graphdef", "routing"), donate_argnames=("cache",))
+def _prefill(graphdef, state, tokens, mask, cache, lora, routing):
     model = nnx.merge(graphdef, state)
-    logits, cache = model.run(tokens, cache, mask, lora, method)
+    logits, cache = model.run(tokens, cache, mask, lora, routing)
     return logits[:, -1], cache
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "method", "greedy", "top_k"),
+    static_argnames=("graphdef", "routing", "greedy", "top_k"),
     donate_argnames=("cache",),
 )
 def _decode_step(
-    graphdef, state, logits, cache, done, stop, step, sampling, lora, method, greedy, top_k
+    graphdef, state, logits, cache, done, stop, step, sampling, lora, routing, greedy, top_k
 ):
     key, temperature, pad_id = sampling
     token = _pick(logits, key, step, temperature, greedy, top_k)
@@ -96,7 +97,7 @@ def _decode_step(
     done = done | jnp.any(token[:, None] == stop, axis=-1)
     model = nnx.merge(graphdef, state)
     ones = jnp.ones((token.shape[0], 1), bool)
-    logits, cache = model.run(token[:, None], cache, ones, lora, method)
+    logits, cache = model.run(token[:, None], cache, ones, lora, routing)
     return token, done, logits[:, 0], cache
 
 
@@ -115,23 +116,6 @@ def compile_counts() -> dict[str, int]:
         ['decode', 'prefill']
     """
     return {"prefill": _prefill._cache_size(), "decode": _decode_step._cache_size()}
-
-
-def _lora_argument(bank, adapters, batch: int):
-    if isinstance(adapters, str) or adapters is None:
-        if isinstance(bank, StackedBank):
-            return Routed(bank, jnp.asarray(bank.ids([adapters] * batch)))
-        return select(conform(bank or AdapterBank()), adapters)
-    adapters = list(adapters)
-    if len(adapters) != batch:
-        raise ConfigError(
-            f"`adapters` names {len(adapters)} rows but there are {batch} prompts; give one "
-            "adapter name (or None for the base model) per prompt."
-        )
-    if bank is None:
-        bank = AdapterBank()
-    stacked = bank if isinstance(bank, StackedBank) else stack(conform(bank))
-    return Routed(stacked, jnp.asarray(stacked.ids(adapters)))
 
 
 def _stop_array(stop_tokens, batch: int) -> np.ndarray:
@@ -173,27 +157,26 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, vocab: int):
 
 def generate(
     model: Llama,
-    bank: AdapterBank | StackedBank | None,
     prompts: Sequence[Sequence[int]],
-    adapters: str | Sequence[str | None] | None = None,
     *,
+    lora: LoraSelection = None,
+    routing: Routing = "auto",
     max_new_tokens: int,
     temperature: float = 0.0,
     top_k: int | None = None,
     key: Array | None = None,
     stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (),
     pad_id: int = 0,
-    method: str = "auto",
 ) -> Generation:
     """Generate up to `max_new_tokens` per prompt, each row under its own adapter.
 
     Arguments:
         model: the decoder.
-        bank: the adapters; conformed and stacked here, or pass a `StackedBank` made once with
-            `jaxlora.stack(jaxlora.conform(bank))` to skip that work on every call.
         prompts: token-id lists, any lengths (left padded with `pad_id`).
-        adapters: one name (or None) per prompt for a mixed batch (SW-GEN-1); or a single name /
-            None for every row (the `jaxlora.select` path).
+        lora: `stacked.route(names)` (one adapter name or None per prompt, a mixed batch,
+            SW-GEN-1; `stacked = jaxlora.stack(jaxlora.conform(bank))`, made once),
+            `jaxlora.select(bank, name)` / one adapter for every row, or None (the base model).
+        routing: the mixed-batch kernel (see `jaxlora.routing`).
         max_new_tokens: tokens to generate per row (fewer if the row stops).
         temperature: 0 for greedy; otherwise sample from `softmax(logits / temperature)`.
         top_k: sample only among the `top_k` largest logits.
@@ -202,7 +185,6 @@ def generate(
         stop_tokens: token ids that end a row (kept in its output), one flat list for all rows
             or one list per row.
         pad_id: the padding id, left of prompts and after a stopped row's last token.
-        method: the routing kernel (see `jaxlora.routing`).
 
     Returns:
         A `Generation`; `.rows()` lists each row's tokens.
@@ -228,8 +210,7 @@ def generate(
         raise ConfigError(f"`top_k` must be in [1, {model.config.vocab_size}], got {top_k!r}.")
     tokens, mask = _left_pad(prompts, pad_id, model.config.vocab_size)
     batch, prompt_len = tokens.shape
-    lora = _lora_argument(bank, adapters, batch)
-    check_lora(model, lora, batch)
+    lora = check_lora(model, lora, batch)
     stop = jnp.asarray(_stop_array(stop_tokens, batch))
     sampling = (
         jax.random.key(0) if key is None else key,
@@ -241,13 +222,13 @@ def generate(
     start = time.perf_counter()
     cache = init_cache(model.config, batch, prompt_len + max_new_tokens, model.dtype)
     logits, cache = _prefill(
-        graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache, lora, method
+        graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache, lora, routing
     )
     done = jnp.zeros((batch,), bool)
     out = []
     for step in range(max_new_tokens - 1):
         token, done, logits, cache = _decode_step(
-            graphdef, state, logits, cache, done, stop, step, sampling, lora, method, **static
+            graphdef, state, logits, cache, done, stop, step, sampling, lora, routing, **static
         )
         out.append(token)
         if (step + 1) % _STOP_CHECK_EVERY == 0 and bool(jnp.all(done)):

@@ -2,46 +2,71 @@
 
 `merge` is functional (spec SW-MERGE-1, SW-MERGE-2): it returns new parameters and leaves the
 original untouched, so going back is exact: keep the original. `unmerge` subtracts the delta
-for callers who only hold merged weights (SW-MERGE-3; not bitwise). `combine` builds a new
-adapter from several, as PEFT's `add_weighted_adapter` does (SW-COMBINE-1..4).
+for callers who only hold merged weights (SW-MERGE-3; not bitwise). Both take any model form
+`jaxlora.params` looks kernels up in (SW-MERGE-5): a `DenseChain`, an NNX module (a new module
+comes back: merging into jaxlora's Llama gives a Llama), an `nnx.State`, Linen params or
+variables, any nested tree. A kernel `[in..., out...]` (DenseGeneral, LinearGeneral) is adapted
+as the 2-D layer `[prod(in), prod(out)]`, as the forward does (SW-MERGE-6). `key_map` maps
+adapter paths to the model's (SW-MERGE-7). `combine` builds a new adapter from several, as
+PEFT's `add_weighted_adapter` does (SW-COMBINE-1..4).
 
 Example:
-    >>> import jax, jax.numpy as jnp, jaxlora
-    >>> model = jaxlora.DenseChain.init(jax.random.key(0), ["l0", "l1"], [4, 4, 2])
-    >>> cfg = jaxlora.LoraConfig(r=2, target_modules=["l0"], init_lora_weights=False)
-    >>> ad = jaxlora.init_adapter(jax.random.key(1), cfg, model.layer_shapes())
-    >>> merged = jaxlora.merge(model, ad)
-    >>> x = jnp.ones((1, 4))
-    >>> bool(jnp.allclose(jaxlora.forward(merged, x), jaxlora.forward(model, x, (ad,)), atol=1e-6))
-    True
+    >>> import jax.numpy as jnp, jaxlora
+    >>> params = {"layers_0": {"kernel": jnp.zeros((2, 2, 3))}}  # a DenseGeneral: in (2, 2)
+    >>> w = jaxlora.LoraWeights(jnp.ones((4, 1)), jnp.ones((1, 3)), jnp.asarray(0.5))
+    >>> merged = merge(params, {"mlp.fc": w}, key_map=lambda p: "layers_0")
+    >>> merged["layers_0"]["kernel"][1, 1].tolist(), params["layers_0"]["kernel"][1, 1].tolist()
+    ([0.5, 0.5, 0.5], [0.0, 0.0, 0.0])
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from .bank import AdapterBank
 from .errors import ConfigError, NonFiniteError, ShapeMismatchError, format_names
-from .params import get_kernel, with_kernels
-from .weights import Adapter, LoraWeights
+from .lora import check_targets, check_weights
+from .params import find_kernels, with_kernels
+from .types import Active, Adapter, LoraWeights, Routed, StackedBank
 
 __all__ = ["COMBINE_METHODS", "combine", "merge", "unmerge"]
 
 COMBINE_METHODS = ("cat", "linear", "svd")
 
+#: What `merge` / `unmerge` take as adapters.
+Adapters = Adapter | Sequence[Adapter] | Mapping[str, Adapter] | Active
 
-def _labelled(adapters: Adapter | Sequence[Adapter] | Mapping[str, Adapter]) -> list[tuple]:
-    """`[(label for messages, adapter)]` from one adapter, a sequence, or `name -> adapter`."""
+#: `(label for messages, adapter, gate)`: gate None (always on), a bool or a traced bool.
+_Entry = tuple[str, Adapter, Any]
+
+
+def _is_adapter(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(w, LoraWeights) for w in value.values())
+
+
+def _entries(adapters: Adapters) -> list[_Entry]:
+    """The adapters to merge, each with a label for messages and its gate."""
+    if isinstance(adapters, Active):
+        return [
+            (f"adapter #{i}", ad, g)
+            for i, (ad, g) in enumerate(zip(adapters.adapters, adapters.gate, strict=True))
+        ]
+    if isinstance(adapters, Routed | StackedBank):
+        raise ConfigError(
+            f"merge takes adapters applied to every row, not a {type(adapters).__name__} (a "
+            "mixed batch has one adapter per row). Merge one adapter: merge(params, bank[name])."
+        )
     if isinstance(adapters, Mapping):
+        if _is_adapter(adapters):
+            return [("the adapter", adapters, None)]
         values = list(adapters.values())
-        if values and all(isinstance(v, LoraWeights) for v in values):
-            return [("the adapter", adapters)]
-        if all(isinstance(v, Mapping) for v in values):  # a bank or `name -> adapter` dict
-            return [(f"adapter {n!r}", adapters[n]) for n in adapters]
+        if all(_is_adapter(v) for v in values):  # a bank or `name -> adapter` dict
+            return [(f"adapter {n!r}", adapters[n], None) for n in adapters]
         raise ConfigError(
             "expected an adapter (`layer path -> LoraWeights`), a sequence of adapters or a "
             f"mapping `name -> adapter`; got a mapping with values of types "
@@ -49,82 +74,179 @@ def _labelled(adapters: Adapter | Sequence[Adapter] | Mapping[str, Adapter]) -> 
         )
     if isinstance(adapters, str) or not isinstance(adapters, Sequence):
         raise ConfigError(
-            f"expected an adapter (`layer path -> LoraWeights`), a sequence of adapters or a "
-            f"mapping `name -> adapter`; got {adapters!r}. To merge by name: "
-            "merge(params, bank[name])."
+            f"expected an adapter (`layer path -> LoraWeights`), a sequence of adapters, a "
+            f"mapping `name -> adapter` or jaxlora.select(...); got {adapters!r}. To merge by "
+            "name: merge(params, bank[name])."
         )
     for i, ad in enumerate(adapters):
-        if not isinstance(ad, Mapping) or not all(isinstance(w, LoraWeights) for w in ad.values()):
+        if not _is_adapter(ad):
             raise ConfigError(
                 f"adapter #{i}: expected a mapping `layer path -> LoraWeights`, got "
                 f"{type(ad).__name__}."
             )
-    return [(f"adapter #{i}", ad) for i, ad in enumerate(adapters)]
+    return [(f"adapter #{i}", ad, None) for i, ad in enumerate(adapters)]
 
 
-def _deltas(params: Any, adapters: Sequence[tuple], safe: bool) -> dict[str, tuple]:
-    """`path -> (kernel, delta in the promoted dtype)`, validated before anything is built."""
+def _mapped(label: str, adapter: Adapter, key_map: Callable[[str], str] | None) -> dict:
+    """`model path -> (adapter path, weights)` through `key_map` (SW-MERGE-7)."""
+    out: dict[str, tuple[str, LoraWeights]] = {}
+    for path, w in adapter.items():
+        target = path if key_map is None else key_map(path)
+        if not isinstance(target, str):
+            raise ConfigError(
+                f"{label}: key_map returned {target!r} for layer {path!r}; it must return the "
+                "model's layer path (a str), e.g. key_map=lambda p: p.removeprefix('model.')."
+            )
+        if target in out:
+            raise ConfigError(
+                f"{label}: key_map maps layers {out[target][0]!r} and {path!r} to the same "
+                f"model path {target!r}; it must map each layer to its own path."
+            )
+        out[target] = (path, w)
+    return out
+
+
+def _fit(kernel_shape: tuple[int, ...], w: LoraWeights, where: str) -> None:
+    """The adapter's `(in, out)` must be a split `[prod(in), prod(out)]` of the kernel."""
+    splits = [
+        (math.prod(kernel_shape[:k]), math.prod(kernel_shape[k:]))
+        for k in range(1, len(kernel_shape))
+    ]
+    if (w.in_features, w.out_features) in splits:
+        return
+    if not splits:
+        layer = f"the kernel is {kernel_shape}, not a linear layer's [in..., out...]"
+    elif len(kernel_shape) == 2:
+        layer = f"the kernel is {kernel_shape}"
+    else:
+        views = " or ".join(str(s) for s in dict.fromkeys(splits))
+        layer = f"the kernel is {kernel_shape} [in..., out...], a layer {views} (in, out)"
+    raise ShapeMismatchError(
+        f"{where}: {layer}, but the adapter maps ({w.in_features}, {w.out_features}) "
+        f"(a{tuple(w.a.shape)}, b{tuple(w.b.shape)}). Was it made for another model?"
+    )
+
+
+def _traced(*arrays: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in arrays)
+
+
+def _deltas(
+    kernels: Mapping[str, Any],
+    entries: list[_Entry],
+    key_map: Callable[[str], str] | None,
+    safe: bool,
+) -> dict[str, tuple]:
+    """`path -> (kernel, summed delta in the promoted dtype, traced "any gate on" or None)`,
+    the deltas kernel-shaped; everything is validated before anything is built."""
     out: dict[str, tuple] = {}
-    for label, adapter in adapters:
-        for path, w in adapter.items():
-            kernel = jnp.asarray(get_kernel(params, path))  # canonical dtype (x64 off)
-            if tuple(kernel.shape) != (w.in_features, w.out_features):
-                raise ShapeMismatchError(
-                    f"{label}, layer {path!r}: the kernel is {tuple(kernel.shape)} but the "
-                    f"adapter maps ({w.in_features}, {w.out_features}) (a{tuple(w.a.shape)}, "
-                    f"b{tuple(w.b.shape)}). Was it made for another model?"
-                )
+    for label, adapter, gate in entries:
+        mapped = _mapped(label, adapter, key_map)
+        what = label if key_map is None else f"{label} (paths after key_map)"
+        check_targets(set(mapped), kernels, what)
+        for target, (path, w) in mapped.items():
+            where = f"{label}, layer {path!r}" + (
+                f" (model path {target!r})" if target != path else ""
+            )
+            check_weights(w, where=where)
+            kernel = jnp.asarray(kernels[target])  # canonical dtype (x64 off)
+            _fit(tuple(kernel.shape), w, where)
+            if gate is not None and not _traced(gate) and not bool(gate):
+                continue  # gated off: contributes nothing (SW-MERGE-9)
             dtype = jnp.result_type(kernel.dtype, w.a.dtype)
-            delta = (jnp.asarray(w.a, dtype) @ jnp.asarray(w.b, dtype)) * jnp.asarray(
-                w.scale
-            ).astype(dtype)
+            cast = LoraWeights(
+                jnp.asarray(w.a, dtype), jnp.asarray(w.b, dtype), jnp.asarray(w.scale)
+            )
+            delta = cast.delta().reshape(kernel.shape)
+            if gate is not None and _traced(gate):
+                delta = jnp.where(gate, delta, jnp.zeros_like(delta))  # NaN-safe, unlike *
+            if safe and _traced(delta):
+                raise ConfigError(
+                    f"merge(..., safe=True) needs concrete arrays to check every delta for "
+                    f"NaN/Inf, but {where} is traced (under jax.jit, vmap or grad). Call merge "
+                    "outside jit, or pass safe=False (check the adapters first with "
+                    "jaxlora.check_finite)."
+                )
             if safe and not bool(jnp.all(jnp.isfinite(delta))):
                 raise NonFiniteError(
-                    f"{label}, layer {path!r}: the delta scale * a @ b has NaN/Inf "
+                    f"{where}: the delta scale * a @ b has NaN/Inf "
                     f"(scale={float(w.scale)}); nothing was merged. Check the adapter weights."
                 )
-            if path in out:
-                prev_kernel, prev = out[path]
+            # a traced gate: where(on, merged, kernel) keeps a gated-off kernel bitwise
+            on = gate if gate is not None and _traced(gate) else None
+            if target in out:
+                prev_kernel, prev, prev_on = out[target]
                 dtype = jnp.result_type(prev.dtype, delta.dtype)
-                out[path] = (prev_kernel, prev.astype(dtype) + delta.astype(dtype))
+                on = None if on is None or prev_on is None else prev_on | on
+                out[target] = (prev_kernel, prev.astype(dtype) + delta.astype(dtype), on)
             else:
-                out[path] = (kernel, delta)
+                out[target] = (kernel, delta, on)
     return out
+
+
+def _apply(params: Any, deltas: Mapping[str, tuple], sign: int) -> Any:
+    """`params` with `cast_W(W + sign * delta)` at every path (sum in the promoted dtype)."""
+    new = {}
+    for path, (kernel, delta, on) in deltas.items():
+        wide = kernel.astype(delta.dtype)
+        value = (wide + delta if sign > 0 else wide - delta).astype(kernel.dtype)
+        new[path] = value if on is None else jnp.where(on, value, kernel)
+    return with_kernels(params, new)
 
 
 def merge(
     params: Any,
-    adapters: Adapter | Sequence[Adapter] | Mapping[str, Adapter],
+    adapters: Adapters,
     *,
+    key_map: Callable[[str], str] | None = None,
     safe: bool = False,
 ) -> Any:
     """New parameters with `kernel + scale * a @ b` at every targeted path (SW-MERGE-1).
 
     Arguments:
-        params: a `DenseChain` or a nested parameter tree (see `jaxlora.params`).
-        adapters: one adapter, a sequence (e.g. `select(bank, [...])`; deltas summed), or a
-            mapping `name -> adapter` (e.g. an `AdapterBank`; errors then name the adapter).
-        safe: refuse (`NonFiniteError`) before building anything if a delta has NaN/Inf. Needs
-            concrete arrays (not under `jit`).
+        params: any model form of `jaxlora.params`: a `DenseChain`, an NNX module (a new module
+            of the same class comes back), an `nnx.State`, Linen params or variables, a nested
+            tree. A kernel `[in..., out...]` takes the delta reshaped from
+            `[prod(in), prod(out)]` (SW-MERGE-6).
+        adapters: one adapter, a sequence (deltas summed), a mapping `name -> adapter` (e.g. an
+            `AdapterBank`; errors then name the adapter) or `jaxlora.select(bank, [...])`
+            (adapters gated off contribute nothing, SW-MERGE-9).
+        key_map: adapter layer path -> the model's layer path (default: the same path), as in
+            `jaxlora.io.load_peft` (SW-MERGE-7).
+        safe: refuse (`NonFiniteError`) before building anything if a delta has NaN/Inf
+            (SW-MERGE-4). Needs concrete arrays: under `jit` it raises `ConfigError`
+            (SW-MERGE-8).
 
     Returns:
-        The merged tree; `params` itself is unchanged (SW-MERGE-2).
+        The merged model, of the kind given; `params` itself is unchanged (SW-MERGE-2).
+
+    Example:
+        >>> from jaxlora.models import Llama, LlamaConfig
+        >>> model = Llama.random(LlamaConfig(64, 16, 32, 1, 2, 1, 8))
+        >>> path = "model.layers.0.self_attn.q_proj"
+        >>> w = LoraWeights(jnp.ones((16, 1)), jnp.ones((1, 16)), jnp.asarray(1.0))
+        >>> merged = merge(model, {path: w})
+        >>> type(merged).__name__, float(merged.layers[0].q_proj.kernel[...][0, 0]
+        ...     - model.layers[0].q_proj.kernel[...][0, 0])
+        ('Llama', 1.0)
     """
-    deltas = _deltas(params, _labelled(adapters), safe)
-    return with_kernels(
-        params,
-        {p: (k.astype(d.dtype) + d).astype(k.dtype) for p, (k, d) in deltas.items()},
-    )
+    return _apply(params, _deltas(find_kernels(params), _entries(adapters), key_map, safe), 1)
 
 
-def unmerge(params: Any, adapters: Adapter | Sequence[Adapter] | Mapping[str, Adapter]) -> Any:
+def unmerge(params: Any, adapters: Adapters, *, key_map: Callable[[str], str] | None = None) -> Any:
     """New parameters with the delta subtracted again (SW-MERGE-3): equal to the original within
-    the tolerance policy, not bitwise. To go back exactly, keep the unmerged tree instead."""
-    deltas = _deltas(params, _labelled(adapters), safe=False)
-    return with_kernels(
-        params,
-        {p: (k.astype(d.dtype) - d).astype(k.dtype) for p, (k, d) in deltas.items()},
-    )
+    the tolerance policy, not bitwise. To go back exactly, keep the unmerged model instead.
+
+    Takes what `merge` takes (any model form, general kernels, `key_map`).
+
+    Example:
+        >>> params = {"q": {"kernel": jnp.ones((2, 2))}}
+        >>> w = LoraWeights(jnp.ones((2, 1)), jnp.ones((1, 2)), jnp.asarray(1.0))
+        >>> unmerge(merge(params, {"q": w}), {"q": w})["q"]["kernel"].tolist()
+        [[1.0, 1.0], [1.0, 1.0]]
+    """
+    deltas = _deltas(find_kernels(params), _entries(adapters), key_map, safe=False)
+    return _apply(params, deltas, -1)
 
 
 def _combined_paths(adapters: Sequence[Adapter]) -> list[str]:

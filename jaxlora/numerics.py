@@ -20,15 +20,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import jax.numpy as jnp
 import numpy as np
 
-from .bank import AdapterBank, StackedBank
 from .errors import ConfigError, NonFiniteError
-from .weights import LoraWeights
+from .types import Active, LoraWeights, StackedBank
 
 __all__ = ["check_finite", "non_finite_entries"]
 
@@ -63,8 +62,11 @@ def _entries(value: Any, name: str | None) -> list[_Entry]:
                 slot_w = LoraWeights(w.a[slot], w.b[slot], w.scale[slot])
                 out.extend(_weights_entries(slot_name, path, slot_w))
         return out
-    if isinstance(value, AdapterBank):
-        return [e for n in value.names for e in _entries(value[n], n)]
+    if isinstance(value, Active):
+        return [e for i, ad in enumerate(value.adapters) for e in _entries(ad, f"active #{i}")]
+    if isinstance(value, Mapping) and value and all(isinstance(v, Mapping) for v in value.values()):
+        # an AdapterBank (or any `name -> adapter` mapping)
+        return [e for n in value for e in _entries(value[n], n)]
     if isinstance(value, Mapping):
         out = []
         for path, w in value.items():
@@ -75,11 +77,9 @@ def _entries(value: Any, name: str | None) -> list[_Entry]:
                 )
             out.extend(_weights_entries(name or "(unnamed)", path, w))
         return out
-    if isinstance(value, Sequence) and not isinstance(value, str):  # `select(...)` result
-        return [e for i, ad in enumerate(value) for e in _entries(ad, f"active #{i}")]
     raise ConfigError(
         "check_finite takes an AdapterBank, a StackedBank, an adapter (path -> LoraWeights), "
-        f"a LoraWeights or a `select(...)` tuple; got {type(value).__name__}."
+        f"a LoraWeights or a `select(...)` result; got {type(value).__name__}."
     )
 
 
@@ -112,8 +112,8 @@ def check_finite(value: T, *, name: str | None = None) -> T:
     (that would cost a host sync per call). Needs concrete arrays (not under `jax.jit`).
 
     Arguments:
-        value: an `AdapterBank`, a `StackedBank`, one adapter (`path -> LoraWeights`), one
-            `LoraWeights`, or the tuple `jaxlora.select` returns.
+        value: an `AdapterBank` (or `name -> adapter` mapping), a `StackedBank`, one adapter
+            (`path -> LoraWeights`), one `LoraWeights`, or what `jaxlora.select` returns.
         name: the adapter name to report when `value` is a single adapter or `LoraWeights`.
 
     Returns:

@@ -12,7 +12,7 @@ SW-ROUTE-1). Three kernels compute the same value (SW-ROUTE-2):
   group sizes, and unsorts. Sentinel rows are sorted last and appended to the last slot's group
   (so no extra slot exists), then masked to an exact zero.
 
-`"auto"` picks from static shapes only (SW-ROUTE-3). The rule comes from
+`routing="auto"` picks from static shapes only (SW-ROUTE-3). The rule comes from
 `python -m benchmarks.routing_choice` on the project's shared 2-core CPU (jax 0.10.2, float32,
 in = out = 256, R = 8, median ms of 20 jitted calls; two runs agreed on every winner):
 
@@ -47,15 +47,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .bank import NO_ADAPTER
-from .errors import ConfigError, ShapeMismatchError
-from .weights import LoraWeights
+from .errors import ConfigError
+from .types import NO_ADAPTER, LoraWeights, Routing
 
-__all__ = ["METHODS", "choose_method", "routed_delta"]
+__all__ = ["ROUTINGS", "choose_routing", "routed_delta"]
 
 Array = jax.Array
 
-METHODS = ("auto", "gather", "onehot", "ragged")
+#: Every value `routing=` takes.
+ROUTINGS: tuple[Routing, ...] = ("auto", "gather", "onehot", "ragged")
 
 #: `auto` uses `onehot` for single-token rows up to this many slots (see the module docstring).
 ONEHOT_MAX_SLOTS = 16
@@ -105,13 +105,13 @@ def _ragged(x: Array, stacked: LoraWeights, ids: Array, dtype) -> Array:
 _KERNELS = {"gather": _gather, "onehot": _onehot, "ragged": _ragged}
 
 
-def choose_method(x_shape: tuple[int, ...], stacked: LoraWeights) -> str:
-    """The kernel `method="auto"` uses for these static shapes (spec SW-ROUTE-3).
+def choose_routing(x_shape: tuple[int, ...], stacked: LoraWeights) -> Routing:
+    """The kernel `routing="auto"` uses for these static shapes (spec SW-ROUTE-3).
 
     Example:
         >>> import jax.numpy as jnp
         >>> st = LoraWeights(jnp.ones((4, 8, 2)), jnp.ones((4, 2, 8)), jnp.ones(4))
-        >>> choose_method((32, 8), st), choose_method((2, 64, 8), st)
+        >>> choose_routing((32, 8), st), choose_routing((2, 64, 8), st)
         ('onehot', 'gather')
     """
     tokens = math.prod(x_shape[1:-1])
@@ -119,56 +119,31 @@ def choose_method(x_shape: tuple[int, ...], stacked: LoraWeights) -> str:
     return "onehot" if tokens == 1 and slots <= ONEHOT_MAX_SLOTS else "gather"
 
 
-def _check(x: Array, stacked: LoraWeights, ids: Array) -> None:
-    a_shape, b_shape = tuple(stacked.a.shape), tuple(stacked.b.shape)
-    if (
-        len(a_shape) != 3
-        or len(b_shape) != 3
-        or a_shape[0] != b_shape[0]
-        or a_shape[2] != b_shape[1]
-        or tuple(stacked.scale.shape) != a_shape[:1]
-    ):
-        raise ShapeMismatchError(
-            f"stacked weights must be a [S, in, R], b [S, R, out], scale [S]; got "
-            f"a{a_shape}, b{b_shape}, scale{tuple(stacked.scale.shape)}. Build them with "
-            "jaxlora.stack(jaxlora.conform(bank))."
-        )
-    if x.ndim < 2 or x.shape[-1] != a_shape[1]:
-        raise ShapeMismatchError(
-            f"x must be [batch, ..., in] with in={a_shape[1]} (the stacked a is {a_shape}); "
-            f"got x{tuple(x.shape)}."
-        )
-    if ids.ndim != 1 or ids.shape[0] != x.shape[0]:
-        raise ShapeMismatchError(
-            f"ids must be [batch] with one slot id per row of x{tuple(x.shape)}; got "
-            f"ids{tuple(ids.shape)}. Use StackedBank.ids(names) to build them."
-        )
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ConfigError(f"ids must be integers (slot index, -1 for none), got {ids.dtype}.")
-
-
-def routed_delta(x: Array, stacked: LoraWeights, ids: Array, *, method: str = "auto") -> Array:
+def routed_delta(x: Array, stacked: LoraWeights, ids: Array, *, routing: Routing = "auto") -> Array:
     """The per-row LoRA delta of a mixed batch (spec SW-MIXED-1, SW-ROUTE-1..3).
 
     Arguments:
         x: `[batch, ..., in]`.
         stacked: `a [S, in, R]`, `b [S, R, out]`, `scale [S]`.
         ids: `[batch]` int slot ids, -1 (`jaxlora.NO_ADAPTER`) for no adapter.
-        method: `"gather"`, `"onehot"`, `"ragged"` or `"auto"` (chosen from the shapes).
+        routing: `"gather"`, `"onehot"`, `"ragged"` or `"auto"` (chosen from the shapes).
+
+    The raw kernel: shapes are checked by `jaxlora.lora.check_weights` when it is reached
+    through `jaxlora.lora.add_lora` (every model's path); called directly, `x [batch, ..., in]`,
+    `stacked` and `ids [batch]` must already fit.
 
     Returns:
         `[batch, ..., out]` in `promote(x.dtype, a.dtype)`; rows with id -1 are exactly zero.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown routing method {method!r}; choose one of {METHODS}.")
+    if routing not in ROUTINGS:
+        raise ConfigError(f"unknown `routing` {routing!r}; choose one of {ROUTINGS}.")
     ids = jnp.asarray(ids)
-    _check(x, stacked, ids)
-    if method == "auto":
-        method = choose_method(tuple(x.shape), stacked)
+    if routing == "auto":
+        routing = choose_routing(tuple(x.shape), stacked)
     slots = stacked.a.shape[0]
     _check_ids_in_range(ids, slots)
     dtype = jnp.result_type(x.dtype, stacked.a.dtype)
-    d = _KERNELS[method](x, stacked, ids, dtype)
+    d = _KERNELS[routing](x, stacked, ids, dtype)
     d = jnp.where(_row_mask(ids == NO_ADAPTER, d.ndim), jnp.zeros((), dtype), d)
     # SW-ROUTE-4: under jit an out-of-range id cannot raise; its row turns NaN, never a silent
     # fallback to the base model or to another slot.

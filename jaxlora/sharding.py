@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .bank import StackedBank
+from .types import StackedBank
 from .errors import ConfigError, ShapeMismatchError
 
 __all__ = [

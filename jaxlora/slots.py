@@ -32,17 +32,17 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from .bank import StackedBank, check_adapter, pad_to_rank
+from .bank import check_adapter, pad_to_rank
 from .errors import (
     AdapterExistsError,
     AdapterNotFoundError,
     ConfigError,
     ShapeMismatchError,
-    TargetNotFoundError,
     format_names,
 )
+from .lora import check_targets, check_weights
 from .numerics import check_finite
-from .weights import Adapter, LoraWeights
+from .types import Adapter, LoraWeights, StackedBank
 
 __all__ = ["replace_slot", "slot_weights"]
 
@@ -80,13 +80,7 @@ def slot_weights(stacked: StackedBank, adapter: Adapter, *, label: str = "adapte
     if not isinstance(adapter, Mapping):
         raise ConfigError(f"{label}: expected a mapping `layer path -> LoraWeights`.")
     adapter = check_adapter("slot", adapter, label=label)  # shapes, dtypes, as AdapterBank does
-    unknown = sorted(set(adapter) - set(stacked.weights))
-    if unknown:
-        raise TargetNotFoundError(
-            f"{label} targets {format_names(unknown)}, which the stacked bank has no slot "
-            f"arrays for. Bank layers: {format_names(stacked.weights)}. Conform and stack a "
-            "bank whose adapters include these layers."
-        )
+    check_targets(set(adapter), stacked.weights, f"{label} (for a slot of the stacked bank)")
     row = {}
     for path, st in stacked.weights.items():
         _, d_in, rank = st.a.shape
@@ -95,17 +89,12 @@ def slot_weights(stacked: StackedBank, adapter: Adapter, *, label: str = "adapte
         if w is None:
             row[path] = pad_to_rank(None, d_in, d_out, rank, st.a.dtype)
             continue
-        a, b = jnp.asarray(w.a), jnp.asarray(w.b)
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != d_in or b.shape[1] != d_out:
+        check_weights(w, where=f"{label}, layer {path!r}", features=(d_in, d_out))
+        if w.rank > rank:
             raise ShapeMismatchError(
-                f"{label}, layer {path!r}: the bank maps ({d_in}, {d_out}) (in, out) but the "
-                f"adapter has a{tuple(a.shape)} b{tuple(b.shape)}; it was made for another model."
-            )
-        if a.shape[1] > rank:
-            raise ShapeMismatchError(
-                f"{label}, layer {path!r}: rank {a.shape[1]} exceeds the bank's rank {rank}. "
+                f"{label}, layer {path!r}: rank {w.rank} exceeds the bank's rank {rank}. "
                 f"Rebuild the bank with jaxlora.stack(jaxlora.conform(bank, max_rank="
-                f"{a.shape[1]})) (one recompile), then replace slots freely."
+                f"{w.rank})) (one recompile), then replace slots freely."
             )
         row[path] = pad_to_rank(w, d_in, d_out, rank, st.a.dtype)
     return row

@@ -25,11 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import ConfigError, ShapeMismatchError, UnsupportedFeatureError, format_names
+from .types import LoraWeights
 
 __all__ = [
-    "Adapter",
     "LoraConfig",
-    "LoraWeights",
     "init_adapter",
     "make_adapter",
     "match_targets",
@@ -38,49 +37,6 @@ __all__ = [
 ]
 
 Array = jax.Array
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class LoraWeights:
-    """The LoRA factors of one targeted linear layer.
-
-    Arguments:
-        a: `[in, r]` (or `[slots, in, r]` once stacked).
-        b: `[r, out]` (or `[slots, r, out]`).
-        scale: a 0-d array (or `[slots]`): a pytree *leaf*, so adapters with different alpha
-            share one compilation.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> w = LoraWeights(jnp.ones((3, 2)), jnp.zeros((2, 5)), jnp.asarray(0.5))
-        >>> w.rank, w.in_features, w.out_features
-        (2, 3, 5)
-    """
-
-    a: Array
-    b: Array
-    scale: Array
-
-    @property
-    def rank(self) -> int:
-        return int(self.a.shape[-1])
-
-    @property
-    def in_features(self) -> int:
-        return int(self.a.shape[-2])
-
-    @property
-    def out_features(self) -> int:
-        return int(self.b.shape[-1])
-
-    def delta(self) -> Array:
-        """The dense update `scale * a @ b` (`[in, out]`), as merged into a kernel."""
-        return self.scale.astype(self.a.dtype) * (self.a @ self.b)
-
-
-#: An adapter: an immutable-by-convention mapping `layer path -> LoraWeights`.
-Adapter = Mapping[str, LoraWeights]
 
 
 def scaling(alpha: float, r: int, use_rslora: bool = False) -> float:

@@ -133,11 +133,11 @@ def test_changing_mixed_batch_ids_does_not_retrace():
     (including rows without adapter); each call's rows match the oracle."""
     model, bank, refs, layers64, x = build()
     stacked = jaxlora.stack(jaxlora.conform(bank))
-    fwd = jax.jit(chex.assert_max_traces(jaxlora.forward_mixed, n=1))
+    fwd = jax.jit(chex.assert_max_traces(jaxlora.forward, n=1))
     rng = np.random.default_rng(1)
     for _ in range(6):
         rows = [None if k < 0 else stacked.names[k] for k in rng.integers(-1, 8, size=4)]
-        y = fwd(model, x, stacked, jnp.asarray(stacked.ids(rows)))
+        y = fwd(model, x, stacked.route(rows))
         want = reference.mixed_forward(
             layers64, np.asarray(x, np.float64), [None if r is None else refs[r] for r in rows]
         )

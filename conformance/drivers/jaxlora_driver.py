@@ -71,14 +71,14 @@ class JaxLoraDriver:
 
         # Function objects of this driver's own: jit caches per function, so compile_count()
         # counts this driver's compilations only (`jax.jit(jaxlora.forward)` would share them).
-        def forward(model, x, active):
-            return jaxlora.forward(model, x, active)
+        def forward(model, x, lora):
+            return jaxlora.forward(model, x, lora)
 
-        def forward_mixed(model, x, stacked, ids, method="auto"):
-            return jaxlora.forward_mixed(model, x, stacked, ids, method=method)
+        def forward_mixed(model, x, lora):
+            return jaxlora.forward(model, x, lora)
 
         self._forward = jax.jit(forward)
-        self._forward_mixed = jax.jit(forward_mixed, static_argnames=("method",))
+        self._forward_mixed = jax.jit(forward_mixed)
         self._dtype = jnp.float32
         self._model: jaxlora.DenseChain | None = None
         self._merged: jaxlora.DenseChain | None = None
@@ -165,7 +165,7 @@ class JaxLoraDriver:
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = jnp.asarray(x, self._dtype)
         if self._merged is not None:
-            return np.asarray(self._forward(self._merged, x, ()))
+            return np.asarray(self._forward(self._merged, x, None))
         active = jaxlora.select(self._conformed, self._active)
         return np.asarray(self._forward(self._model, x, active))
 
@@ -177,9 +177,9 @@ class JaxLoraDriver:
             )
         if self._stacked is None:
             self._stacked = jaxlora.stack(self._conformed)
-        ids = jnp.asarray(self._stacked.ids(rows))  # raises on unknown names
+        routed = self._stacked.route(rows)  # raises on unknown names
         x = jnp.asarray(x, self._dtype)
-        return np.asarray(self._forward_mixed(self._model, x, self._stacked, ids))
+        return np.asarray(self._forward_mixed(self._model, x, routed))
 
     # -- merge and combine -------------------------------------------------------------------
     def merge(self, safe: bool = False) -> None:

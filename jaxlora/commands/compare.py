@@ -48,7 +48,7 @@ def compare(model, bank, a: str | None, b: str | None, requests, batch_size: int
 
     import jaxlora
     from jaxlora.generate import generate
-    from jaxlora.models import Routed, forward
+    from jaxlora.models import forward
 
     stacked = jaxlora.stack(jaxlora.conform(bank))
     rows = []
@@ -57,7 +57,10 @@ def compare(model, bank, a: str | None, b: str | None, requests, batch_size: int
         prompts = [r["tokens"] for r in chunk] * 2
         names = [a] * len(chunk) + [b] * len(chunk)
         out = generate(
-            model, stacked, prompts, names, max_new_tokens=max(r["max_new_tokens"] for r in chunk)
+            model,
+            prompts,
+            lora=stacked.route(names),
+            max_new_tokens=max(r["max_new_tokens"] for r in chunk),
         ).rows()
         width = max(map(len, prompts))
         tokens = np.array([[0] * (width - len(p)) + list(p) for p in prompts], np.int32)
@@ -66,7 +69,7 @@ def compare(model, bank, a: str | None, b: str | None, requests, batch_size: int
             model,
             tokens,
             attention_mask=mask,
-            lora=Routed(stacked, jnp.asarray(stacked.ids(names))),
+            lora=stacked.route(names),
         )[:, -1]
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         kl = np.asarray(

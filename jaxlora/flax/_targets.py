@@ -16,25 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 
-from ..bank import StackedBank
-from ..errors import (
-    ConfigError,
-    ShapeMismatchError,
-    TargetNotFoundError,
-    UnsupportedFeatureError,
-    format_names,
-)
-from ..layer import add_deltas, add_routed, lora_delta
-from ..routing import routed_delta
-from ..weights import LoraWeights
+from ..errors import ShapeMismatchError, UnsupportedFeatureError
+from ..lora import add_lora as lora_add
+from ..types import Active, Routed, Routing
 
-__all__ = ["DenseSpec", "LoraRequest", "add_lora", "check_targets", "trailing_axes"]
+__all__ = ["DenseSpec", "add_lora", "trailing_axes"]
 
 Array = jax.Array
 
@@ -63,73 +53,22 @@ class DenseSpec:
         return math.prod(self.in_shape), math.prod(self.out_shape)
 
 
-@dataclasses.dataclass(frozen=True)
-class LoraRequest:
-    """What to add: an active set (`jaxlora.select`) or a stacked bank with per-row ids."""
-
-    active: tuple[Mapping[str, LoraWeights], ...] = ()
-    stacked: StackedBank | None = None
-    ids: Array | None = None
-    routing: str = "auto"
-
-    @classmethod
-    def build(cls, active: Any, stacked: Any, ids: Any, routing: str) -> LoraRequest:
-        if stacked is not None or ids is not None:
-            if stacked is None or ids is None or active:
-                raise ConfigError(
-                    "a mixed batch needs both `stacked` (jaxlora.stack(...)) and `ids` (one slot "
-                    "id per row, -1 for none), and no `active`; a single adapter for the whole "
-                    "batch needs only `active` (jaxlora.select(bank, name))."
-                )
-            if not isinstance(stacked, StackedBank):
-                raise ConfigError(f"`stacked` must be a StackedBank, got {type(stacked).__name__}.")
-            return cls(stacked=stacked, ids=jnp.asarray(ids), routing=routing)
-        if isinstance(active, Mapping):
-            active = (active,)
-        if not isinstance(active, Sequence) or not all(isinstance(a, Mapping) for a in active):
-            raise ConfigError(
-                "`active` must be the result of jaxlora.select(bank, names): a tuple of adapters "
-                f"(`path -> LoraWeights`); got {type(active).__name__}."
-            )
-        return cls(active=tuple(active))
-
-    def paths(self) -> set[str]:
-        if self.stacked is not None:
-            return set(self.stacked.weights)
-        return {p for ad in self.active for p in ad}
-
-
 def trailing_axes(axes: Sequence[int], ndim: int) -> bool:
     """Whether `axes` are the last `len(axes)` axes of an `ndim`-array, in order."""
     norm = [a % ndim for a in axes] if ndim else list(axes)
     return norm == list(range(ndim - len(axes), ndim))
 
 
-def _check_weights(spec: DenseSpec, w: LoraWeights, stacked: bool) -> None:
-    d_in, d_out = spec.features
-    a_in, b_out = w.a.shape[-2], w.b.shape[-1]
-    if (a_in, b_out) != (d_in, d_out):
-        what = "stacked bank" if stacked else "adapter"
-        raise ShapeMismatchError(
-            f"layer {spec.path!r} ({spec.kind}, in {spec.in_shape} -> out {spec.out_shape}) is a "
-            f"({d_in}, {d_out}) layer but the {what} has a{tuple(w.a.shape)} b{tuple(w.b.shape)}. "
-            "Build adapters from jaxlora.flax.<linen|nnx>.layer_shapes(...) of this model."
-        )
+def add_lora(
+    spec: DenseSpec, x: Array, y: Array, lora: Active | Routed | None, routing: Routing
+) -> Array:
+    """`y` (the layer's base output for input `x`) plus the LoRA deltas for `spec.path`.
 
-
-def add_lora(spec: DenseSpec, x: Array, y: Array, request: LoraRequest) -> Array:
-    """`y` (the layer's base output for input `x`) plus the requested LoRA deltas.
-
-    Follows SW-FORWARD-1 / SW-DTYPE-1: deltas in `promote(x, a)`, added to the promoted base
-    output, cast back once; mixed-batch rows with id -1 return `y` unchanged (SW-MIXED-1).
+    Checks what only Flax knows (the layer kind and its feature axes), then calls the one
+    per-layer function `jaxlora.lora.add_lora` (SW-FORWARD-1, SW-DTYPE-1, SW-MIXED-1,
+    SW-FLAX-2).
     """
-    if request.stacked is not None:
-        weights = (
-            [request.stacked.weights[spec.path]] if spec.path in request.stacked.weights else []
-        )
-    else:
-        weights = [ad[spec.path] for ad in request.active if spec.path in ad]
-    if not weights:
+    if lora is None or spec.path not in lora.paths():
         return y
     if spec.unsupported:
         raise UnsupportedFeatureError(
@@ -142,26 +81,4 @@ def add_lora(spec: DenseSpec, x: Array, y: Array, request: LoraRequest) -> Array
             f"layer {spec.path!r}: expected input feature axes {spec.in_shape}, got x"
             f"{tuple(x.shape)}."
         )
-    lead = x.shape[: x.ndim - n_in]
-    x2 = x.reshape((*lead, spec.features[0]))
-    for w in weights:
-        _check_weights(spec, w, request.stacked is not None)
-    if request.stacked is not None:
-        delta = routed_delta(x2, weights[0], request.ids, method=request.routing)
-        deltas = [delta]
-    else:
-        deltas = [lora_delta(x2, w) for w in weights]
-    out_shape = y.shape[: y.ndim - n_out] + spec.out_shape
-    if request.stacked is not None:
-        return add_routed(y, deltas[0].reshape(out_shape), request.ids)
-    return add_deltas(y, [d.reshape(out_shape) for d in deltas])
-
-
-def check_targets(request: LoraRequest, layers: Mapping[str, DenseSpec]) -> None:
-    """Raise `TargetNotFoundError` if the request targets a path that is not a linear layer."""
-    missing = sorted(request.paths() - set(layers))
-    if missing:
-        raise TargetNotFoundError(
-            f"the adapter targets {format_names(missing)}, which are not linear layers of this "
-            f"model (or were not called). Linear layers: {format_names(sorted(layers))}."
-        )
+    return lora_add(y, x, lora, spec.path, routing=routing, in_ndim=n_in, out_ndim=n_out)

@@ -4,8 +4,10 @@
 each `nn.Dense` / `nn.DenseGeneral` call whose module path (`"block_0.attn.query"`, the path of
 its parameters in `variables["params"]`) an adapter targets, adds the LoRA delta to the output.
 Nothing is stored or mutated: the adapters (or the stacked bank and per-row ids) are ordinary
-arguments, so `jax.jit(lambda v, x, act: apply(model, v, x, active=act))` compiles once per
-structure and switching adapters retraces nothing.
+arguments, so `jax.jit(lambda v, x, sel: apply(model, v, x, lora=sel))` compiles once per
+structure and switching adapters retraces nothing. `lora=` takes every form the rest of jaxlora
+takes (`jaxlora.select(...)`, one adapter, `stacked.route(names)`, None) and `routing=` names the
+mixed-batch kernel; `method=` is Linen's own (the module method to apply).
 
 Supported: `nn.Dense`; `nn.DenseGeneral` contracting the input's trailing axes in order
 (`axis=-1` or `(-2, -1)`, ...) without `batch_dims`, adapted as a `[prod(in), prod(out)]`
@@ -23,7 +25,7 @@ Example:
     {'layers_0': (4, 8), 'layers_1': (8, 4)}
     >>> cfg = jaxlora.LoraConfig(r=2, target_modules=["layers_1"], init_lora_weights=False)
     >>> bank = jaxlora.AdapterBank().add("a", jaxlora.init_adapter(jax.random.key(1), cfg, shapes))
-    >>> apply(model, variables, x, active=jaxlora.select(bank, "a")).shape
+    >>> apply(model, variables, x, lora=jaxlora.select(bank, "a")).shape
     (2, 4)
 """
 
@@ -35,10 +37,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from ..bank import Active, StackedBank
-from ._targets import DenseSpec, LoraRequest, add_lora, check_targets, trailing_axes
+from ..lora import as_selection, check_targets
+from ..types import Active, LoraSelection, Routed, Routing
+from ._targets import DenseSpec, add_lora, trailing_axes
 
-__all__ = ["apply", "apply_mixed", "dense_layers", "interceptor", "layer_shapes"]
+__all__ = ["apply", "dense_layers", "interceptor", "layer_shapes"]
 
 Array = jax.Array
 
@@ -63,8 +66,12 @@ def _spec(module: nn.Module, x: Array) -> DenseSpec:
     return DenseSpec(path, "DenseGeneral", in_shape, tuple(int(f) for f in features), reason)
 
 
-def interceptor(request: LoraRequest, seen: dict[str, DenseSpec] | None = None) -> Callable:
-    """The `nn.intercept_methods` interceptor adding `request`'s deltas to Dense outputs.
+def interceptor(
+    lora: Active | Routed | None,
+    routing: Routing = "auto",
+    seen: dict[str, DenseSpec] | None = None,
+) -> Callable:
+    """The `nn.intercept_methods` interceptor adding `lora`'s deltas to Dense outputs.
 
     Records every Dense/DenseGeneral call in `seen` (path -> `DenseSpec`) when given.
     """
@@ -78,7 +85,7 @@ def interceptor(request: LoraRequest, seen: dict[str, DenseSpec] | None = None) 
         spec = _spec(module, x)
         if seen is not None:
             seen[spec.path] = spec
-        return add_lora(spec, x, y, request)
+        return add_lora(spec, x, y, lora, routing)
 
     return intercept
 
@@ -90,7 +97,7 @@ def dense_layers(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Dense
     `jax.ShapeDtypeStruct`s).
     """
     seen: dict[str, DenseSpec] = {}
-    with nn.intercept_methods(interceptor(LoraRequest(), seen)):
+    with nn.intercept_methods(interceptor(None, seen=seen)):
         jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
     return seen
 
@@ -105,45 +112,29 @@ def layer_shapes(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, tuple
     }
 
 
-def _run(model, variables, args, kwargs, request: LoraRequest, method) -> Any:
-    seen: dict[str, DenseSpec] = {}
-    with nn.intercept_methods(interceptor(request, seen)):
-        out = model.apply(variables, *args, method=method, **kwargs)
-    check_targets(request, seen)
-    return out
-
-
 def apply(
     model: nn.Module,
     variables: Any,
     *args: Any,
-    active: Active = (),
+    lora: LoraSelection = None,
+    routing: Routing = "auto",
     method: Any = None,
     **kwargs: Any,
 ) -> Any:
-    """`model.apply(variables, *args, **kwargs)` with the active adapters added (SW-FLAX-1).
+    """`model.apply(variables, *args, **kwargs)` with the LoRA selection added (SW-FLAX-1, -4).
 
     Arguments:
         model, variables: the unmodified Linen model and its variables.
-        active: `jaxlora.select(bank, names)`; `()` gives exactly the base model.
+        lora: `jaxlora.select(bank, names)`, one adapter, `stacked.route(names)` (row `i` of
+            every targeted layer's input uses its own adapter; the batch must be the leading
+            axis) or None (exactly the base model).
+        routing: the mixed-batch kernel (`jaxlora.routing.ROUTINGS`).
         method: forwarded to `model.apply`.
     """
-    return _run(model, variables, args, kwargs, LoraRequest.build(active, None, None, ""), method)
-
-
-def apply_mixed(
-    model: nn.Module,
-    variables: Any,
-    *args: Any,
-    stacked: StackedBank,
-    ids: Array,
-    routing: str = "auto",
-    method: Any = None,
-    **kwargs: Any,
-) -> Any:
-    """`model.apply` where batch row `i` uses slot `ids[i]` of `stacked` (-1: none) (SW-FLAX-4).
-
-    Every targeted layer's input must have the batch as its leading axis.
-    """
-    request = LoraRequest.build((), stacked, ids, routing)
-    return _run(model, variables, args, kwargs, request, method)
+    sel = as_selection(lora)
+    seen: dict[str, DenseSpec] = {}
+    with nn.intercept_methods(interceptor(sel, routing, seen)):
+        out = model.apply(variables, *args, method=method, **kwargs)
+    if sel is not None:
+        check_targets(sel.paths(), seen, "the LoRA selection")
+    return out

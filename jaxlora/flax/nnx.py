@@ -1,6 +1,6 @@
 """LoRA adapters on an unmodified Flax NNX model, by attribute path (spec SW-FLAX-1..4).
 
-`with_lora(model, active=...)` returns a *copy* of the model (`nnx.split` + `nnx.merge`; arrays
+`with_lora(model, lora=...)` returns a *copy* of the model (`nnx.split` + `nnx.merge`; arrays
 are shared, not copied) in which each targeted `nnx.Linear` / `nnx.LinearGeneral` is replaced by
 a thin callable that runs the original layer and adds the LoRA delta. The caller's model is
 never modified, and no global state is involved, so concurrent forwards with different adapters
@@ -9,12 +9,13 @@ cannot interfere. Paths are NNX attribute paths joined by dots (`"blocks.0.attn.
 adapters as arguments:
 
     graphdef, state = nnx.split(model)
-    fwd = jax.jit(lambda state, x, act: apply(nnx.merge(graphdef, state), x, active=act))
+    fwd = jax.jit(lambda state, x, sel: apply(nnx.merge(graphdef, state), x, lora=sel))
 
 Supported: `nnx.Linear`; `nnx.LinearGeneral` contracting the input's trailing axes in order,
 without `batch_axis`. A layer shared under several attribute paths is adapted under the path
-`nnx.iter_modules` reports. The copy is for inference: state updates made during the call
-(batch statistics, RNG counters) are not written back to `model`.
+`nnx.iter_modules` reports. State (batch statistics, RNG counters) behaves as in a plain call
+of the model: `apply` writes the call's updates back to `model` (SW-FLAX-5); the copy that
+`with_lora` returns shares the model's variables.
 
 Example:
     >>> import jax, jax.numpy as jnp, jaxlora
@@ -26,7 +27,7 @@ Example:
     >>> cfg = jaxlora.LoraConfig(r=2, target_modules=["1"], init_lora_weights=False)
     >>> bank = jaxlora.AdapterBank().add(
     ...     "a", jaxlora.init_adapter(jax.random.key(1), cfg, layer_shapes(model)))
-    >>> apply(model, jnp.ones((3, 4)), active=jaxlora.select(bank, "a")).shape
+    >>> apply(model, jnp.ones((3, 4)), lora=jaxlora.select(bank, "a")).shape
     (3, 2)
 """
 
@@ -37,10 +38,11 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ..bank import Active, StackedBank
-from ._targets import DenseSpec, LoraRequest, add_lora, check_targets, trailing_axes
+from ..lora import as_selection, check_targets
+from ..types import Active, LoraSelection, Routed, Routing
+from ._targets import DenseSpec, add_lora, trailing_axes
 
-__all__ = ["apply", "apply_mixed", "dense_layers", "layer_shapes", "with_lora"]
+__all__ = ["apply", "dense_layers", "layer_shapes", "with_lora"]
 
 Array = jax.Array
 
@@ -82,12 +84,12 @@ def layer_shapes(model: nnx.Module) -> dict[str, tuple[int, int]]:
 class _LoraLayer:
     """Calls the original layer and adds the delta; other attributes read through to it."""
 
-    def __init__(self, base: nnx.Module, path: str, request: LoraRequest):
-        self._base, self._path, self._request = base, path, request
+    def __init__(self, base: nnx.Module, path: str, lora: Active | Routed, routing: Routing):
+        self._base, self._path, self._lora, self._routing = base, path, lora, routing
 
     def __call__(self, x: Array, *args: Any, **kwargs: Any) -> Array:
         y = self._base(x, *args, **kwargs)
-        return add_lora(_spec(self._path, self._base, x.ndim), x, y, self._request)
+        return add_lora(_spec(self._path, self._base, x.ndim), x, y, self._lora, self._routing)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._base, name)
@@ -104,50 +106,55 @@ def _set(root: nnx.Module, path: tuple, value: Any) -> None:
         setattr(parent, key, value)
 
 
-def _patched(model: nnx.Module, request: LoraRequest) -> nnx.Module:
-    clone = nnx.merge(*nnx.split(model))
+def _patched(
+    clone: nnx.Module, lora: Active | Routed | None, routing: Routing
+) -> tuple[Any, list[tuple[tuple, nnx.Module]]]:
+    """`clone` with its targeted layers wrapped, and the `(path, module)` pairs it replaced."""
+    if lora is None:
+        return clone, []
     layers = _linear_modules(clone)
-    check_targets(request, {p: None for p in layers})
-    targeted = request.paths()
+    check_targets(lora.paths(), layers, "the LoRA selection")
+    replaced = []
     for name, (path, module) in layers.items():
-        if name in targeted:
+        if name in lora.paths():
             if not path:  # the model itself is the targeted layer
-                return _LoraLayer(module, name, request)
-            _set(clone, path, _LoraLayer(module, name, request))
-    return clone
+                return _LoraLayer(module, name, lora, routing), []
+            _set(clone, path, _LoraLayer(module, name, lora, routing))
+            replaced.append((path, module))
+    return clone, replaced
 
 
 def with_lora(
-    model: nnx.Module,
-    active: Active = (),
-    *,
-    stacked: StackedBank | None = None,
-    ids: Array | None = None,
-    routing: str = "auto",
+    model: nnx.Module, lora: LoraSelection = None, *, routing: Routing = "auto"
 ) -> nnx.Module:
     """A copy of `model` whose targeted linear layers add LoRA deltas (SW-FLAX-1, SW-FLAX-4).
 
     Arguments:
-        model: the unmodified NNX model (not changed).
-        active: `jaxlora.select(bank, names)` for the whole batch; or
-        stacked, ids: a stacked bank and one slot id per batch row (-1: none).
-        routing: the mixed-batch kernel (`jaxlora.routing.METHODS`).
+        model: the unmodified NNX model (its structure is not changed).
+        lora: `jaxlora.select(bank, names)`, one adapter, `stacked.route(names)` (row `i` uses
+            its own adapter) or None.
+        routing: the mixed-batch kernel (`jaxlora.routing.ROUTINGS`).
     """
-    return _patched(model, LoraRequest.build(active, stacked, ids, routing))
+    return _patched(nnx.merge(*nnx.split(model)), as_selection(lora), routing)[0]
 
 
-def apply(model: nnx.Module, *args: Any, active: Active = (), **kwargs: Any) -> Any:
-    """`model(*args, **kwargs)` with the active adapters added (SW-FLAX-1)."""
-    return with_lora(model, active)(*args, **kwargs)
-
-
-def apply_mixed(
+def apply(
     model: nnx.Module,
     *args: Any,
-    stacked: StackedBank,
-    ids: Array,
-    routing: str = "auto",
+    lora: LoraSelection = None,
+    routing: Routing = "auto",
     **kwargs: Any,
 ) -> Any:
-    """`model(*args)` where batch row `i` uses slot `ids[i]` of `stacked` (-1: none) (SW-FLAX-4)."""
-    return with_lora(model, stacked=stacked, ids=ids, routing=routing)(*args, **kwargs)
+    """`model(*args, **kwargs)` with the LoRA selection added (SW-FLAX-1, SW-FLAX-4).
+
+    State updates the call makes (BatchNorm statistics, RNG counters, ...) are written back to
+    `model`, exactly as `model(*args)` would; the LoRA selection never becomes part of the
+    model's state or structure (SW-FLAX-5).
+    """
+    clone = nnx.merge(*nnx.split(model))
+    patched, replaced = _patched(clone, as_selection(lora), routing)
+    out = patched(*args, **kwargs)
+    for path, module in replaced:  # restore the clone's own layers, then copy its state back
+        _set(clone, path, module)
+    nnx.update(model, nnx.state(clone))
+    return out

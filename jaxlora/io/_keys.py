@@ -13,14 +13,24 @@ Example:
 
 from __future__ import annotations
 
-from ..errors import AdapterFormatError, ConfigError, UnsupportedFeatureError
+from collections.abc import Callable, Mapping
 
-__all__ = ["PEFT_PREFIX", "check_adapter_name", "identity", "peft_key", "split_key"]
+from ..errors import AdapterFormatError, ConfigError, UnsupportedFeatureError
+from ._names import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+
+__all__ = [
+    "PEFT_PREFIX",
+    "check_adapter_name",
+    "identity",
+    "peft_key",
+    "prefix_key_map",
+    "split_key",
+]
 
 PEFT_PREFIX = "base_model.model."
 
 #: names that would collide with the files of the root adapter
-_RESERVED = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})
+_RESERVED = frozenset({ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "README.md"})
 
 _UNSUPPORTED_PARTS = {
     "lora_embedding_A": "LoRA on embedding layers",
@@ -34,6 +44,29 @@ _UNSUPPORTED_PARTS = {
 def identity(path: str) -> str:
     """The default key map: the PEFT module path is the jaxlora path."""
     return path
+
+
+def prefix_key_map(renames: Mapping[str, str]) -> Callable[[str], str]:
+    """A key map that renames path prefixes: the longest `old` a path starts with becomes `new`;
+    other paths are unchanged (`jaxlora inspect` / `generate --key-map OLD=NEW`).
+
+    Example:
+        >>> km = prefix_key_map({"layers.": "model.layers.", "": "x."})
+        >>> km("layers.0.mlp.up_proj"), km("lm_head")
+        ('model.layers.0.mlp.up_proj', 'x.lm_head')
+    """
+    pairs = sorted(dict(renames).items(), key=lambda kv: -len(kv[0]))
+    for old, new in pairs:
+        if not isinstance(old, str) or not isinstance(new, str):
+            raise ConfigError(f"prefix_key_map: prefixes must be strings, got {old!r} -> {new!r}.")
+
+    def key_map(path: str) -> str:
+        for old, new in pairs:
+            if path.startswith(old):
+                return new + path[len(old) :]
+        return path
+
+    return key_map
 
 
 def split_key(key: str, where: str) -> tuple[str, str]:

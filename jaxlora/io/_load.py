@@ -33,24 +33,29 @@ from ..params import get_kernel, kernel_paths
 from ..weights import LoraConfig, LoraWeights, match_targets
 from ._config import config_from_dict
 from ._keys import check_adapter_name, identity, split_key
+from ._names import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_NAMES, ADAPTER_WEIGHTS_NAME
 from ._safetensors import read_tensors
 from ._save import save_peft  # noqa: F401  (doctest above)
 
 __all__ = ["find_adapters", "load_peft", "load_peft_adapter", "validate_against"]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin")
+#: How to rename an adapter's paths: every place named here exists (spec SW-CLI-3).
+KEY_MAP_ADVICE = (
+    "a key map that renames its module paths to the model's (`key_map=` of "
+    "jaxlora.io.load_peft / load_peft_adapter; `--key-map OLD=NEW` of `jaxlora inspect` and "
+    "`jaxlora generate`)"
+)
 
 LayerShapes = Mapping[str, tuple[int, int]]
 
 
 def _read_config(directory: Path) -> LoraConfig:
-    path = directory / CONFIG_NAME
+    path = directory / ADAPTER_CONFIG_NAME
     if not path.is_file():
         raise AdapterFormatError(
-            f"{directory}: no {CONFIG_NAME}. A PEFT adapter directory holds {CONFIG_NAME} and "
-            f"{WEIGHTS_NAME} (PEFT's save_pretrained writes both)."
+            f"{directory}: no {ADAPTER_CONFIG_NAME}. A PEFT adapter directory holds "
+            f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} (PEFT's save_pretrained writes "
+            "both)."
         )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -65,17 +70,19 @@ def _read_config(directory: Path) -> LoraConfig:
 
 
 def _weights_file(directory: Path) -> Path:
-    path = directory / WEIGHTS_NAME
+    path = directory / ADAPTER_WEIGHTS_NAME
     if path.is_file():
         return path
-    pickles = [n for n in PICKLE_NAMES if (directory / n).is_file()]
+    pickles = [n for n in ADAPTER_PICKLE_NAMES if (directory / n).is_file()]
     if pickles:
         raise AdapterFormatError(
             f"{directory}: only {pickles[0]} (a pickle) was found; jaxlora never unpickles "
             "files. Convert it in PEFT: `PeftModel.from_pretrained(base, dir)` then "
-            f"`save_pretrained(dir, safe_serialization=True)` to write {WEIGHTS_NAME}."
+            f"`save_pretrained(dir, safe_serialization=True)` to write {ADAPTER_WEIGHTS_NAME}."
         )
-    raise AdapterFormatError(f"{directory}: no {WEIGHTS_NAME}; the adapter weights are missing.")
+    raise AdapterFormatError(
+        f"{directory}: no {ADAPTER_WEIGHTS_NAME}; the adapter weights are missing."
+    )
 
 
 def _shapes_of(model: Any) -> dict[str, tuple[int, int]]:
@@ -113,8 +120,8 @@ def validate_against(
     if missing:
         raise TargetNotFoundError(
             f"adapter {name!r} has weights for {len(missing)} layer(s) the model does not have: "
-            f"{format_names(missing)}. Model layers: {format_names(shapes)}. Pass a key_map "
-            "that maps PEFT module paths to the model's paths."
+            f"{format_names(missing)}. Model layers: {format_names(shapes)}. If it was saved for "
+            f"this model under other module names, load it with {KEY_MAP_ADVICE}."
         )
     for path, w in adapter.items():
         if (w.in_features, w.out_features) != tuple(shapes[path]):
@@ -221,10 +228,10 @@ def find_adapters(path: str | Path) -> dict[str, Path]:
     if not root.is_dir():
         raise AdapterFormatError(f"{root}: no such adapter directory.")
     found: dict[str, Path] = {}
-    if (root / CONFIG_NAME).is_file():
+    if (root / ADAPTER_CONFIG_NAME).is_file():
         found["default"] = root
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        if (sub / CONFIG_NAME).is_file():
+        if (sub / ADAPTER_CONFIG_NAME).is_file():
             if sub.name in found:
                 raise AdapterFormatError(
                     f"{root}: adapter 'default' is both in the root and in {sub}; keep one."
@@ -232,7 +239,7 @@ def find_adapters(path: str | Path) -> dict[str, Path]:
             found[sub.name] = sub
     if not found:
         raise AdapterFormatError(
-            f"{root}: no {CONFIG_NAME} in the directory or its sub-directories; not a PEFT "
+            f"{root}: no {ADAPTER_CONFIG_NAME} in the directory or its sub-directories; not a PEFT "
             "adapter directory."
         )
     return found

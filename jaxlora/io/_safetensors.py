@@ -103,9 +103,6 @@ def write_tensors(
     tensors: Mapping[str, np.ndarray],
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write `tensors` to `path` (not atomic by itself; `save_peft` writes into a temp dir)."""
-    data = serialize_tensors(tensors, metadata)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write `tensors` to `path`; neither atomic nor durable by itself: the writers call it
+    inside `jaxlora.io.atomic_directory`, which fsyncs and swaps the whole directory."""
+    Path(path).write_bytes(serialize_tensors(tensors, metadata))

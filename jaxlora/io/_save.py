@@ -5,8 +5,9 @@ other adapter in `<dir>/<name>/`; each with `adapter_config.json` and
 `adapter_model.safetensors` (metadata `{"format": "pt"}`). A bank without a "default" adapter
 leaves the root without an adapter, exactly as PEFT does.
 
-Atomicity: everything is written into a temporary directory next to the target, then renamed
-into place; a failure before the rename leaves the previous directory untouched.
+Atomicity: everything is written into a temporary directory next to the target, fsynced, then
+swapped into place (`jaxlora.io.atomic_directory`); a failure before the swap leaves the
+previous directory untouched (SW-IO-10, SW-IO-13).
 
 Example:
     >>> import jax.numpy as jnp, tempfile, json, os
@@ -14,20 +15,15 @@ Example:
     >>> w = LoraWeights(jnp.ones((4, 2)), jnp.ones((2, 3)), jnp.asarray(0.5))
     >>> d = os.path.join(tempfile.mkdtemp(), "ad")
     >>> save_peft(d, {"blocks.0.q": w})
-    >>> cfg = json.load(open(os.path.join(d, "adapter_config.json")))
+    >>> cfg = json.load(open(os.path.join(d, ADAPTER_CONFIG_NAME)))
     >>> cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
     (2, 1, ['blocks.0.q'])
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,14 +32,13 @@ import numpy as np
 
 from ..errors import AdapterFormatError, ConfigError
 from ..weights import LoraWeights
+from ._atomic import atomic_directory, check_replaceable
 from ._config import derive_config_dict
 from ._keys import check_adapter_name, identity, peft_key
+from ._names import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, SAFETENSORS_METADATA
 from ._safetensors import write_tensors
 
 __all__ = ["save_peft"]
-
-_CONFIG = "adapter_config.json"
-_WEIGHTS = "adapter_model.safetensors"
 
 
 def _as_named_adapters(adapters: Mapping) -> dict[str, Mapping[str, LoraWeights]]:
@@ -91,57 +86,19 @@ def _adapter_files(
 
 
 def _write_adapter(directory: Path, tensors: dict[str, np.ndarray], config: dict) -> None:
+    """One adapter's two files (not durable by themselves: `atomic_directory` fsyncs them)."""
     directory.mkdir(parents=True, exist_ok=True)
-    write_tensors(directory / _WEIGHTS, tensors, {"format": "pt"})
-    with open(directory / _CONFIG, "w", encoding="utf-8") as f:
+    write_tensors(directory / ADAPTER_WEIGHTS_NAME, tensors, SAFETENSORS_METADATA)
+    with open(directory / ADAPTER_CONFIG_NAME, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(directory)
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Persist a directory's entries (new files, renames) across a power loss."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux `renameat2(RENAME_EXCHANGE)`; False where the
-    platform or file system cannot (the caller then falls back to two renames)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    if result == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(a))
-
-
-def _check_replaceable(target: Path) -> None:
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise AdapterFormatError(f"{target} exists and is not a directory; refusing to replace it.")
-    entries = list(target.iterdir())
-    is_adapter_dir = (target / _CONFIG).is_file() or any(
-        (p / _CONFIG).is_file() for p in entries if p.is_dir()
+def _holds_adapters(directory: Path) -> bool:
+    """An adapter in `directory` or in one of its sub-directories (PEFT's layout)."""
+    return (directory / ADAPTER_CONFIG_NAME).is_file() or any(
+        (p / ADAPTER_CONFIG_NAME).is_file() for p in directory.iterdir() if p.is_dir()
     )
-    if entries and not is_adapter_dir:
-        raise AdapterFormatError(
-            f"{target} is a non-empty directory without an adapter; refusing to replace it "
-            "(save_peft replaces the whole directory). Choose an empty or new path."
-        )
 
 
 def save_peft(
@@ -178,29 +135,9 @@ def save_peft(
         name: _adapter_files(adapter, key_map, dtype, fields, name)
         for name, adapter in named.items()
     }
-    _check_replaceable(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    check_replaceable(
+        target, _holds_adapters, error=AdapterFormatError, what="an adapter", writer="save_peft"
+    )
+    with atomic_directory(target) as tmp:
         for name, (tensors, config) in files.items():
             _write_adapter(tmp if name == "default" else tmp / name, tensors, config)
-        _fsync_dir(tmp)
-        if target.exists():
-            if _exchange(tmp, target):  # one atomic step: target is never missing
-                _fsync_dir(target.parent)
-                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old adapters
-                return
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

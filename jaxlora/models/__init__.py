@@ -12,7 +12,6 @@ from .checkpoint import read_config as read_config
 from .config import LlamaConfig as LlamaConfig
 from .llama import KVCache as KVCache
 from .llama import Llama as Llama
-from .llama import Routed as Routed
 from .llama import forward as forward
 from .llama import forward_with_cache as forward_with_cache
 from .llama import init_cache as init_cache

@@ -1,15 +1,20 @@
-"""Load a Hugging Face Llama checkpoint directory into a `jaxlora.models.Llama`.
+"""Hugging Face Llama checkpoints <-> `jaxlora.models.Llama`: both directions of the HF naming.
 
 A checkpoint directory holds `config.json` and either `model.safetensors` or a sharded
 `model.safetensors.index.json` (+ the shards it names). Pickle files (`pytorch_model.bin`) are
 never opened. Every tensor is checked against the config: missing, unexpected and mis-shaped
 tensors raise `CheckpointError` / `ShapeMismatchError` naming the tensor (spec SW-LLAMA-2).
 
+`save_llama` writes the checkpoint `LlamaForCausalLM.save_pretrained` would (HF names, `[out,
+in]` weights, `config.json`), through `jaxlora.io.save_hf_checkpoint`, so transformers and
+`load_llama` both read it without torch being needed to write it (spec SW-LLAMA-7). The
+HF <-> internal naming lives here, next to the loader; `jaxlora.io` only knows the files.
+
 Example:
-    >>> import tempfile, transformers
-    >>> d = tempfile.mkdtemp()
-    >>> transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=32, hidden_size=16,
-    ...     intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(d)
+    >>> import tempfile
+    >>> from jaxlora.models import Llama, LlamaConfig
+    >>> d = tempfile.mkdtemp() + "/llama"
+    >>> save_llama(d, Llama.random(LlamaConfig(32, 16, 32, 1, 2, 2, 8)))
     >>> load_llama(d).lora_shapes()["model.layers.0.mlp.up_proj"]
     (16, 32)
 """
@@ -18,17 +23,26 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from safetensors import safe_open
 
-from ..errors import CheckpointError, ShapeMismatchError, format_names
+from ..errors import CheckpointError, ConfigError, ShapeMismatchError, format_names
+from ..io import (
+    MODEL_CONFIG_NAME,
+    MODEL_INDEX_NAME,
+    MODEL_PICKLE_NAME,
+    MODEL_WEIGHTS_NAME,
+    save_hf_checkpoint,
+)
 from .config import LlamaConfig
-from .llama import Llama, expected_tensor_shapes
+from .llama import PROJECTIONS, Llama, expected_tensor_shapes
 
-__all__ = ["load_llama", "read_config"]
+__all__ = ["hf_config_dict", "load_llama", "read_config", "save_llama"]
 
 #: Tensors transformers may save that the forward recomputes (RoPE tables).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -42,11 +56,12 @@ def read_config(directory: str | os.PathLike) -> LlamaConfig:
             f"{str(path)!r} is not a directory; pass a Hugging Face checkpoint directory "
             "(config.json + model.safetensors), e.g. one written by save_pretrained."
         )
-    config_file = path / "config.json"
+    config_file = path / MODEL_CONFIG_NAME
     if not config_file.is_file():
         raise CheckpointError(
-            f"{str(path)!r} has no config.json; a checkpoint directory needs config.json and "
-            f"model.safetensors (found: {format_names(sorted(p.name for p in path.iterdir()))})."
+            f"{str(path)!r} has no {MODEL_CONFIG_NAME}; a checkpoint directory needs "
+            f"{MODEL_CONFIG_NAME} and {MODEL_WEIGHTS_NAME} "
+            f"(found: {format_names(sorted(p.name for p in path.iterdir()))})."
         )
     try:
         raw = json.loads(config_file.read_text())
@@ -57,8 +72,8 @@ def read_config(directory: str | os.PathLike) -> LlamaConfig:
 
 def _weight_files(path: Path) -> dict[str, Path]:
     """`tensor name -> file` for a single or sharded safetensors checkpoint."""
-    single = path / "model.safetensors"
-    index = path / "model.safetensors.index.json"
+    single = path / MODEL_WEIGHTS_NAME
+    index = path / MODEL_INDEX_NAME
     if single.is_file():
         with safe_open(single, "flax") as f:
             return dict.fromkeys(f.keys(), single)
@@ -76,20 +91,18 @@ def _weight_files(path: Path) -> dict[str, Path]:
                 f"{str(index)!r} names shard files that do not exist: {format_names(absent)}."
             )
         return files
-    if (path / "pytorch_model.bin").exists():
+    if (path / MODEL_PICKLE_NAME).exists():
         raise CheckpointError(
-            f"{str(path)!r} holds only pytorch_model.bin, a pickle that jaxlora never loads "
+            f"{str(path)!r} holds only {MODEL_PICKLE_NAME}, a pickle that jaxlora never loads "
             "(it can run code). Convert it once with transformers: "
             "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, "
             "safe_serialization=True)."
         )
-    raise CheckpointError(
-        f"{str(path)!r} has no model.safetensors and no model.safetensors.index.json."
-    )
+    raise CheckpointError(f"{str(path)!r} has no {MODEL_WEIGHTS_NAME} and no {MODEL_INDEX_NAME}.")
 
 
 def _internal_name(name: str, config: LlamaConfig) -> tuple[str, bool] | None:
-    """HF tensor name -> (internal name, transpose?) or None to skip."""
+    """HF tensor name -> (internal name, transpose?) or None to skip; `_hf_name` inverts it."""
     if name.endswith(_IGNORED_SUFFIXES):
         return None
     if name == "lm_head.weight":
@@ -161,3 +174,108 @@ def load_llama(directory: str | os.PathLike, *, dtype: Any = None) -> Llama:
             "and the weights disagree."
         )
     return Llama(config, tensors)
+
+
+def _hf_name(internal: str) -> tuple[str, bool]:
+    """Internal tensor name -> (HF name, transpose?): `<path>.kernel [in, out]` is
+    `<path>.weight [out, in]` (the inverse of `_internal_name`)."""
+    if internal.endswith(".kernel"):
+        return internal.removesuffix(".kernel") + ".weight", True
+    return internal, False
+
+
+def _internal_tensors(model: Llama) -> dict[str, Any]:
+    """`internal name -> array` of every tensor of `model` (what `Llama(config, tensors)` takes)."""
+    tensors: dict[str, Any] = {
+        "model.embed_tokens.weight": model.embed[...],
+        "model.norm.weight": model.norm.weight[...],
+    }
+    if model.lm_head is not None:
+        tensors["lm_head.kernel"] = model.lm_head[...]
+    for i, layer in enumerate(model.layers):
+        prefix = f"model.layers.{i}."
+        for name in PROJECTIONS:
+            linear = getattr(layer, name.rsplit(".", 1)[1])
+            tensors[f"{prefix}{name}.kernel"] = linear.kernel[...]
+            if linear.bias is not None:
+                tensors[f"{prefix}{name}.bias"] = linear.bias[...]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"{prefix}{norm}.weight"] = getattr(layer, norm).weight[...]
+    return tensors
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def hf_config_dict(config: LlamaConfig, dtype: Any = jnp.float32) -> dict[str, Any]:
+    """The `config.json` of a `transformers` Llama with this architecture.
+
+    RoPE is written in the layout every transformers version reads (`rope_theta` +
+    `rope_scaling`, which v5 converts to `rope_parameters`); `read_config` reads both.
+
+    Example:
+        >>> d = hf_config_dict(LlamaConfig(64, 16, 32, 2, 4, 2, 4, rope_theta=500.0))
+        >>> d["model_type"], d["num_key_value_heads"], d["rope_theta"], d["rope_scaling"]
+        ('llama', 2, 500.0, None)
+    """
+    scaling = None
+    if config.rope_type != "default":
+        scaling = {"rope_type": config.rope_type} | {k: _number(v) for k, v in config.rope}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": scaling,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_bias": config.attention_bias,
+        "mlp_bias": config.mlp_bias,
+        "torch_dtype": jnp.dtype(dtype).name,
+    }
+
+
+def save_llama(
+    directory: str | os.PathLike,
+    model: Llama,
+    *,
+    dtype: Any = None,
+    config_fields: Mapping[str, Any] | None = None,
+) -> None:
+    """Write `model` as a Hugging Face checkpoint directory, atomically (spec SW-LLAMA-7).
+
+    `transformers.LlamaForCausalLM.from_pretrained(directory)` and `load_llama(directory)` both
+    read it; `load_llama` gives back the same tensors bitwise (in the stored dtype).
+
+    Arguments:
+        directory: created or replaced (only if empty or already a checkpoint).
+        model: the Llama to write.
+        dtype: cast every tensor to this dtype (e.g. `jnp.bfloat16`); default as held.
+        config_fields: extra `config.json` fields that do not change the architecture, e.g.
+            `{"eos_token_id": 2, "bos_token_id": 1, "max_position_embeddings": 4096}`.
+
+    Raises `ConfigError` when `config_fields` sets a field the model determines.
+    """
+    fields = dict(config_fields or {})
+    tensors = {}
+    for internal, value in _internal_tensors(model).items():
+        name, transpose = _hf_name(internal)
+        array = np.asarray(value if dtype is None else jnp.asarray(value, dtype))
+        tensors[name] = array.T if transpose else array
+    config = hf_config_dict(model.config, tensors["model.embed_tokens.weight"].dtype)
+    clash = sorted(set(fields) & set(config))
+    if clash:
+        raise ConfigError(
+            f"config_fields sets {clash}, which the model itself determines; change the model "
+            "(its LlamaConfig, or dtype=) instead. config_fields is for fields such as "
+            "eos_token_id or max_position_embeddings."
+        )
+    save_hf_checkpoint(directory, tensors, config | fields)

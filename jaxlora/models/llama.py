@@ -1,11 +1,18 @@
 """A Llama-family decoder in Flax NNX whose projections take the LoRA selection as an argument.
 
-Every projection is a `Linear` that knows its Hugging Face module path
-(`model.layers.0.self_attn.q_proj`), so adapters trained with PEFT on the `transformers` model
+Every projection is a `Linear` that knows its Hugging Face module path (`lora_path`:
+`model.layers.0.self_attn.q_proj`), so adapters trained with PEFT on the `transformers` model
 apply without a key map. The LoRA selection is an ordinary argument of the forward, never state:
-an `Active` tuple (`jaxlora.select`) or `Routed(stacked, ids)` for a batch whose rows use
-different adapters (spec SW-LLAMA-3, SW-LLAMA-4). The KV cache is an explicit `KVCache` pytree
-passed in and returned, so the decode step is a pure function that jit compiles once.
+`lora=` takes what every jaxlora integration takes (`jaxlora.select(...)`, one adapter,
+`stacked.route(names)` for a batch whose rows use different adapters, or None) and `routing=`
+the mixed-batch kernel (spec SW-LLAMA-3, SW-LLAMA-4). The KV cache is an explicit `KVCache`
+pytree passed in and returned, so the decode step is a pure function that jit compiles once.
+
+The model uses the seam beneath `jaxlora.flax.nnx` rather than `jaxlora.flax.nnx.apply`:
+each `Linear` calls `jaxlora.lora.lora_dense` with the selection threaded through the forward
+as an argument, so a jitted step takes the selection as an input (no model copy or module
+patching per call, and the decode loop can carry it) while the per-layer arithmetic and the
+validation are the same functions every other integration calls.
 
 Example:
     >>> import jax.numpy as jnp
@@ -28,12 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..bank import Active, StackedBank
-from ..errors import ConfigError, ShapeMismatchError, TargetNotFoundError, format_names
-from ..layer import lora_dense, lora_dense_mixed
+from ..errors import ShapeMismatchError
+from ..lora import check_selection, lora_dense
+from ..types import Active, LoraSelection, Routed, Routing
 from .config import LlamaConfig, rope_inv_freq
 
-__all__ = ["KVCache", "Linear", "Llama", "Routed", "forward", "forward_with_cache", "init_cache"]
+__all__ = ["KVCache", "Linear", "Llama", "forward", "forward_with_cache", "init_cache"]
 
 Array = jax.Array
 
@@ -49,21 +56,8 @@ PROJECTIONS = (
 )
 
 
-class Routed(NamedTuple):
-    """Per-row adapters: row `i` uses slot `ids[i]` of `stacked` (`-1`: the base model).
-
-    Example:
-        >>> import jaxlora
-        >>> Routed(jaxlora.StackedBank({}, ()), jnp.asarray([-1])).ids.tolist()
-        [-1]
-    """
-
-    stacked: StackedBank
-    ids: Array
-
-
-#: The LoRA argument of the forward: `jaxlora.select(...)` or `Routed(stacked, ids)`.
-Lora = Active | Routed
+#: The canonical selection inside the model (`jaxlora.lora.as_selection`).
+Lora = Active | Routed | None
 
 
 class KVCache(NamedTuple):
@@ -101,23 +95,17 @@ class Linear(nnx.Module):
     Arguments:
         kernel: `[in, out]` (transposed from HF's `[out, in]` `weight`).
         bias: `[out]` or None.
-        path: the HF module path, the key adapters use.
+        lora_path: the HF module path, the key adapters use (`jaxlora.merge` reads it too).
     """
 
-    def __init__(self, kernel: Array, bias: Array | None, path: str):
+    def __init__(self, kernel: Array, bias: Array | None, lora_path: str):
         self.kernel = nnx.Param(kernel)
         self.bias = None if bias is None else nnx.Param(bias)
-        self.path = path
+        self.lora_path = lora_path
 
-    def __call__(self, x: Array, lora: Lora, method: str = "auto") -> Array:
-        kernel = self.kernel[...]
+    def __call__(self, x: Array, lora: Lora, routing: Routing = "auto") -> Array:
         bias = None if self.bias is None else self.bias[...]
-        if isinstance(lora, Routed):
-            w = lora.stacked.weights.get(self.path)
-            if w is None:
-                return lora_dense(x, kernel, bias)
-            return lora_dense_mixed(x, kernel, bias, w, lora.ids, method=method)
-        return lora_dense(x, kernel, bias, [ad[self.path] for ad in lora if self.path in ad])
+        return lora_dense(x, self.kernel[...], bias, lora, self.lora_path, routing=routing)
 
 
 class RMSNorm(nnx.Module):
@@ -159,12 +147,12 @@ class Block(nnx.Module):
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
 
-    def __call__(self, x, cos, sin, mask, k_cache, v_cache, index, lora, method):
+    def __call__(self, x, cos, sin, mask, k_cache, v_cache, index, lora, routing):
         b, t, _ = x.shape
         h = self.input_layernorm(x)
-        q = self.q_proj(h, lora, method).reshape(b, t, self.heads, self.head_dim)
-        k = self.k_proj(h, lora, method).reshape(b, t, self.kv_heads, self.head_dim)
-        v = self.v_proj(h, lora, method).reshape(b, t, self.kv_heads, self.head_dim)
+        q = self.q_proj(h, lora, routing).reshape(b, t, self.heads, self.head_dim)
+        k = self.k_proj(h, lora, routing).reshape(b, t, self.kv_heads, self.head_dim)
+        v = self.v_proj(h, lora, routing).reshape(b, t, self.kv_heads, self.head_dim)
         q = _rotate(q, cos[:, :, None, :], sin[:, :, None, :])
         k = _rotate(k, cos[:, :, None, :], sin[:, :, None, :])
         k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
@@ -176,10 +164,10 @@ class Block(nnx.Module):
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         attn = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache.astype(q.dtype))
-        x = x + self.o_proj(attn.reshape(b, t, self.heads * self.head_dim), lora, method)
+        x = x + self.o_proj(attn.reshape(b, t, self.heads * self.head_dim), lora, routing)
         h = self.post_attention_layernorm(x)
-        gated = jax.nn.silu(self.gate_proj(h, lora, method)) * self.up_proj(h, lora, method)
-        return x + self.down_proj(gated, lora, method), k_cache, v_cache
+        gated = jax.nn.silu(self.gate_proj(h, lora, routing)) * self.up_proj(h, lora, routing)
+        return x + self.down_proj(gated, lora, routing), k_cache, v_cache
 
 
 class Llama(nnx.Module):
@@ -218,7 +206,7 @@ class Llama(nnx.Module):
         return self.config.linear_shapes()
 
     def run(
-        self, tokens: Array, cache: KVCache, attention_mask: Array, lora: Lora, method: str
+        self, tokens: Array, cache: KVCache, attention_mask: Array, lora: Lora, routing: Routing
     ) -> tuple[Array, KVCache]:
         """Forward `tokens [B, T]` written at `cache.index`; returns logits `[B, T, vocab]`."""
         t = tokens.shape[1]
@@ -235,7 +223,7 @@ class Llama(nnx.Module):
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             x, k, v = layer(
-                x, cos, sin, full_mask, cache.k[i], cache.v[i], cache.index, lora, method
+                x, cos, sin, full_mask, cache.k[i], cache.v[i], cache.index, lora, routing
             )
             ks.append(k)
             vs.append(v)
@@ -268,44 +256,14 @@ def expected_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_lora(model: Llama, lora: Lora, batch: int) -> None:
-    """Raise a clear error when the LoRA argument does not fit the model (at trace time)."""
-    shapes = model.lora_shapes()
-    if isinstance(lora, Routed):
-        adapters = [("stacked bank", lora.stacked.weights, True)]
-        if tuple(np.shape(lora.ids)) != (batch,):
-            raise ShapeMismatchError(
-                f"Routed.ids has shape {tuple(np.shape(lora.ids))} but the batch has {batch} "
-                "rows; pass one slot id per row (StackedBank.ids(names), -1 for the base model)."
-            )
-    elif isinstance(lora, tuple):
-        adapters = [(f"active[{j}]", ad, False) for j, ad in enumerate(lora)]
-    else:
-        raise ConfigError(
-            f"`lora` must be jaxlora.select(bank, ...) (a tuple) or Routed(stacked, ids), got "
-            f"{type(lora).__name__}."
-        )
-    for label, adapter, stacked in adapters:
-        for path, w in adapter.items():
-            if path not in shapes:
-                raise TargetNotFoundError(
-                    f"{label} targets {path!r}, which is not a projection of this Llama model. "
-                    f"Projections: {format_names(shapes, 8)}. PEFT keys must map to HF module "
-                    "paths (jaxlora.io.load_peft's default key map)."
-                )
-            d_in, d_out = shapes[path]
-            a_in, b_out = w.a.shape[-2], w.b.shape[-1]
-            if (a_in, b_out) != (d_in, d_out) or (w.a.ndim == 3) != stacked:
-                raise ShapeMismatchError(
-                    f"{label}, layer {path!r}: the adapter maps ({a_in} -> {b_out}) with a"
-                    f"{tuple(w.a.shape)} b{tuple(w.b.shape)} but the model's projection maps "
-                    f"({d_in} -> {d_out}). Was the adapter trained on another model size?"
-                )
+def check_lora(model: Llama, lora: LoraSelection, batch: int) -> Lora:
+    """The canonical selection, checked against the model's projections (at trace time)."""
+    return check_selection(lora, model.lora_shapes(), batch=batch)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "method"))
-def _run_jit(graphdef, state, tokens, cache, mask, lora, method):
-    return nnx.merge(graphdef, state).run(tokens, cache, mask, lora, method)
+@functools.partial(jax.jit, static_argnames=("graphdef", "routing"))
+def _run_jit(graphdef, state, tokens, cache, mask, lora, routing):
+    return nnx.merge(graphdef, state).run(tokens, cache, mask, lora, routing)
 
 
 def forward_with_cache(
@@ -314,8 +272,8 @@ def forward_with_cache(
     cache: KVCache,
     *,
     attention_mask: Array | None = None,
-    lora: Lora = (),
-    method: str = "auto",
+    lora: LoraSelection = None,
+    routing: Routing = "auto",
 ) -> tuple[Array, KVCache]:
     """Jit-compiled forward that writes `tokens [B, T]` into `cache` (spec SW-LLAMA-6).
 
@@ -329,7 +287,7 @@ def forward_with_cache(
         (3, (1, 3, 64))
     """
     tokens = jnp.asarray(tokens, jnp.int32)
-    check_lora(model, lora, tokens.shape[0])
+    lora = check_lora(model, lora, tokens.shape[0])
     room = cache.valid.shape[1] - int(cache.index)
     if tokens.shape[1] > room:
         raise ShapeMismatchError(
@@ -338,14 +296,14 @@ def forward_with_cache(
         )
     mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask
     graphdef, state = nnx.split(model)
-    return _run_jit(graphdef, state, tokens, cache, jnp.asarray(mask, bool), lora, method)
+    return _run_jit(graphdef, state, tokens, cache, jnp.asarray(mask, bool), lora, routing)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "method"))
-def _forward_jit(graphdef, state, tokens, mask, lora, method):
+@functools.partial(jax.jit, static_argnames=("graphdef", "routing"))
+def _forward_jit(graphdef, state, tokens, mask, lora, routing):
     model = nnx.merge(graphdef, state)
     cache = init_cache(model.config, tokens.shape[0], tokens.shape[1], model.dtype)
-    return model.run(tokens, cache, mask, lora, method)[0]
+    return model.run(tokens, cache, mask, lora, routing)[0]
 
 
 def forward(
@@ -353,23 +311,25 @@ def forward(
     tokens: Array | Sequence[Sequence[int]],
     *,
     attention_mask: Array | None = None,
-    lora: Lora = (),
-    method: str = "auto",
+    lora: LoraSelection = None,
+    routing: Routing = "auto",
 ) -> Array:
     """Jit-compiled logits `[B, T, vocab]` of `tokens [B, T]` (spec SW-LLAMA-1..4).
 
     One compilation serves every adapter of a conformed bank (same treedef and shapes), and
-    every assignment of adapters to rows with `Routed`.
+    every assignment of adapters to rows with `stacked.route(names)`; `select(bank, None)` runs
+    the base model inside that compilation.
 
     Arguments:
         model: the decoder.
         tokens: int token ids `[B, T]`.
         attention_mask: `[B, T]`, 0 at (left) padding; default all ones.
-        lora: `jaxlora.select(bank, name)` or `Routed(stacked, ids)`; default the base model.
-        method: the routing kernel for `Routed` (see `jaxlora.routing`).
+        lora: `jaxlora.select(bank, name)`, one adapter, `stacked.route(names)` or None (the
+            base model).
+        routing: the mixed-batch kernel (see `jaxlora.routing`).
     """
     tokens = jnp.asarray(tokens, jnp.int32)
-    check_lora(model, lora, tokens.shape[0])
+    lora = check_lora(model, lora, tokens.shape[0])
     mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask
     graphdef, state = nnx.split(model)
-    return _forward_jit(graphdef, state, tokens, jnp.asarray(mask, bool), lora, method)
+    return _forward_jit(graphdef, state, tokens, jnp.asarray(mask, bool), lora, routing)

@@ -30,11 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..bank import NO_ADAPTER, StackedBank
 from ..errors import AdapterExistsError, AdapterNotFoundError, ConfigError, format_names
-from ..models.llama import Llama, Routed, init_cache
+from ..models.llama import Llama, init_cache
 from ..slots import replace_slot
-from ..weights import Adapter, LoraWeights
+from ..types import NO_ADAPTER, Adapter, LoraWeights, Routed, StackedBank
 from .errors import NoFreeSlotError, RequestTooLargeError
 
 __all__ = ["BASE", "Buckets", "Engine", "Row", "RowResult", "Snapshot"]
@@ -146,7 +145,7 @@ def _generate_batch(graphdef, state, stacked, tokens, mask, rows: _RowArrays, ma
     """Prefill + decode loop for one padded batch; returns `(tokens, logprobs)` `[B, max_new]`."""
     model = nnx.merge(graphdef, state)
     batch, length = tokens.shape
-    lora = Routed(stacked, rows.ids)
+    lora = Routed(stacked, rows.ids)  # already canonical: the engine builds its own ids
     cache = init_cache(model.config, batch, length + max_new, model.dtype)
     logits, cache = model.run(tokens, cache, mask, lora, "auto")
     out = jnp.full((batch, max_new), pad_id, jnp.int32)
