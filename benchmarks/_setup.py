@@ -23,11 +23,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 import jaxlora
 from jaxlora.models import Llama, LlamaConfig, load_llama
-from jaxlora.models.llama import Linear
 
 from ._harness import BenchConfig
 
@@ -60,19 +58,9 @@ def tol_check(value: float) -> dict[str, Any]:
 
 
 def merged_model(model: Llama, adapter: Mapping[str, jaxlora.LoraWeights]) -> Llama:
-    """A copy of `model` whose projection kernels have `adapter` merged in (`jaxlora.merge`)."""
-    merged = nnx.clone(model)
-    linears = [node for _, node in nnx.iter_graph(merged) if isinstance(node, Linear)]
-    params: dict[str, Any] = {}
-    for lin in linears:  # a nested tree `model -> layers -> "0" -> ... -> {"kernel": k}`
-        node = params
-        for part in lin.path.split("."):
-            node = node.setdefault(part, {})
-        node["kernel"] = lin.kernel[...]
-    new = jaxlora.merge(params, adapter)
-    for lin in linears:
-        lin.kernel[...] = jaxlora.get_kernel(new, lin.path)
-    return merged
+    """A new `Llama` whose projection kernels have `adapter` merged in (`jaxlora.merge` finds
+    them by `Linear.lora_path`); `model` is unchanged."""
+    return jaxlora.merge(model, adapter)
 
 
 def _hf_fields(cfg: BenchConfig) -> dict[str, Any]:
@@ -114,7 +102,7 @@ class Setup:
                 config.head_dim,
             )
             return cls(config, Llama.random(llama, seed=config.seed), None)
-        from jaxlora.commands.demo_llama import write_llama_checkpoint
+        from tests.hf_fixtures import write_llama_checkpoint
 
         root = Path(tempfile.mkdtemp(prefix="jaxlora-bench-")) if root is None else root
         write_llama_checkpoint(root / "llama", seed=config.seed, **_hf_fields(config))
@@ -148,7 +136,7 @@ class Setup:
         import torch
         import transformers
 
-        from jaxlora.commands.demo_llama import write_peft_adapters
+        from tests.hf_fixtures import write_peft_adapters
 
         torch.manual_seed(self.config.seed)
         base = transformers.LlamaForCausalLM.from_pretrained(self.root / "llama").eval()

@@ -1,7 +1,7 @@
 """XLA's own cost model for the bench forwards: FLOPs and bytes accessed per variant.
 
 Explains a ratio without timing noise: how much work LoRA adds to the compiled forward (base,
-one adapter, one mixed batch per routing method), as `compiled.cost_analysis()` counts it.
+one adapter, one mixed batch per routing kernel), as `compiled.cost_analysis()` counts it.
 
 Example:
     $ python -m benchmarks.costs --hidden 512 --layers 4 --batch 32 --seq 64
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxlora
-from jaxlora.models import Routed, init_cache
+from jaxlora.models import init_cache
 
 from . import add_arguments, config_from_args
 from ._harness import format_table
@@ -29,11 +29,11 @@ from ._setup import Setup
 __all__ = ["forward_costs", "main"]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "method"))
-def _logits(graphdef, state, tokens, lora, method):
+@functools.partial(jax.jit, static_argnames=("graphdef", "routing"))
+def _logits(graphdef, state, tokens, lora, routing):
     model = nnx.merge(graphdef, state)
     cache = init_cache(model.config, tokens.shape[0], tokens.shape[1], model.dtype)
-    return model.run(tokens, cache, jnp.ones(tokens.shape, bool), lora, method)[0]
+    return model.run(tokens, cache, jnp.ones(tokens.shape, bool), lora, routing)[0]
 
 
 def forward_costs(setup: Setup, distinct: int = 8) -> list[dict[str, Any]]:
@@ -46,12 +46,12 @@ def forward_costs(setup: Setup, distinct: int = 8) -> list[dict[str, Any]]:
     ids = jnp.arange(cfg.batch, dtype=jnp.int32) % distinct
     tokens = jnp.asarray(setup.tokens(cfg.batch, cfg.seq))
     graphdef, state = nnx.split(model)
-    variants = {"base": ((), "auto"), "single": (jaxlora.select(bank, "c0"), "auto")}
-    for method in cfg.methods:
-        variants[f"mixed{distinct}/{method}"] = (Routed(stacked, ids), method)
+    variants = {"base": (None, "auto"), "single": (jaxlora.select(bank, "c0"), "auto")}
+    for routing in cfg.methods:
+        variants[f"mixed{distinct}/{routing}"] = (jaxlora.Routed(stacked, ids), routing)
     rows = []
-    for name, (lora, method) in variants.items():
-        compiled = _logits.lower(graphdef, state, tokens, lora, method).compile()
+    for name, (lora, routing) in variants.items():
+        compiled = _logits.lower(graphdef, state, tokens, lora, routing).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         rows.append(

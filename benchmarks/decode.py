@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxlora
-from jaxlora.models import KVCache, Routed
+from jaxlora.models import KVCache
 
 from ._harness import ratio, time_interleaved
 from ._setup import Setup, agreement, tol_check
@@ -33,10 +33,10 @@ NAME = "decode"
 TARGETS: dict[str, tuple[str, float]] = {}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "method"), donate_argnames=("cache",))
-def _step(graphdef, state, tokens, cache, lora, method):
+@functools.partial(jax.jit, static_argnames=("graphdef", "routing"), donate_argnames=("cache",))
+def _step(graphdef, state, tokens, cache, lora, routing):
     model = nnx.merge(graphdef, state)
-    return model.run(tokens, cache, jnp.ones(tokens.shape, bool), lora, method)
+    return model.run(tokens, cache, jnp.ones(tokens.shape, bool), lora, routing)
 
 
 def prompt_cache(model, batch: int, prompt_len: int, max_len: int, seed: int) -> KVCache:
@@ -46,25 +46,24 @@ def prompt_cache(model, batch: int, prompt_len: int, max_len: int, seed: int) ->
     slot, masked), so a filled cache stands in for a prefill and saves a compilation per variant.
     """
     cfg = model.config
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    k1, k2 = jax.random.split(jax.random.key(seed))
+    shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+    keys = jax.random.split(jax.random.key(seed), 2 * cfg.num_hidden_layers)
+    layers = range(cfg.num_hidden_layers)
     return KVCache(
-        jax.random.normal(k1, shape, model.dtype),
-        jax.random.normal(k2, shape, model.dtype),
-        jnp.broadcast_to(jnp.arange(max_len) < prompt_len, (batch, max_len)),
-        jnp.asarray(prompt_len, jnp.int32),
+        tuple(jax.random.normal(keys[2 * i], shape, model.dtype) for i in layers),
+        tuple(jax.random.normal(keys[2 * i + 1], shape, model.dtype) for i in layers),
         jnp.full((batch,), prompt_len, jnp.int32),
     )
 
 
-def _chain(model, cache: KVCache, lora, method: str):
+def _chain(model, cache: KVCache, lora, routing: str):
     """A zero-argument callable doing one decode step per call on its own (donated) cache."""
     graphdef, state = nnx.split(model)
     held = {"cache": jax.tree_util.tree_map(jnp.copy, cache)}
-    token = jnp.ones((cache.k.shape[1], 1), jnp.int32)
+    token = jnp.ones((cache.lengths.shape[0], 1), jnp.int32)
 
     def step() -> Any:
-        logits, held["cache"] = _step(graphdef, state, token, held["cache"], lora, method)
+        logits, held["cache"] = _step(graphdef, state, token, held["cache"], lora, routing)
         return logits
 
     return step
@@ -77,15 +76,15 @@ def run(setup: Setup) -> dict[str, Any]:
         {f"d{i}": setup.random_adapter_arrays(cfg.rank, seed=100 + i) for i in range(cfg.batch)}
     )
     stacked = jaxlora.stack(bank)
-    routed = Routed(stacked, jnp.arange(cfg.batch, dtype=jnp.int32))
+    routed = jaxlora.Routed(stacked, jnp.arange(cfg.batch, dtype=jnp.int32))
     max_len = cfg.seq + 1 + cfg.warmup + cfg.repeats
     cache = prompt_cache(model, cfg.batch, cfg.seq, max_len, cfg.seed)
     chains = {
-        "base": _chain(model, cache, (), "auto"),
+        "base": _chain(model, cache, None, "auto"),
         "single": _chain(model, cache, jaxlora.select(bank, "d0"), "auto"),
     }
-    for method in cfg.methods:
-        chains[f"mixed/{method}"] = _chain(model, cache, routed, method)
+    for routing in cfg.methods:
+        chains[f"mixed/{routing}"] = _chain(model, cache, routed, routing)
     first = {name: fn() for name, fn in chains.items()}
     checks = {
         f"{name}_row0_equals_single": tol_check(agreement(first[name][0], first["single"][0]))

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxlora
-from jaxlora.models import Routed, forward
+from jaxlora.models import forward
 
 from ._harness import count_compiles, ratio, time_interleaved
 from ._setup import Setup, agreement, tol_check, torch_forward
@@ -69,21 +69,21 @@ def run(setup: Setup) -> dict[str, Any]:
     compiles = dict.fromkeys(cfg.methods, 0)
     for k in counts:
         row_names = [names[i % k] for i in range(cfg.batch)]
-        routed = Routed(stacked, jnp.asarray(stacked.ids(row_names)))
+        routed = stacked.route(row_names)
         grouped = _grouped_loop(model, tokens, conformed, row_names)
         reference = grouped()
         variants: dict[str, Any] = {
             "base": lambda: forward(model, tokens),
             "single": lambda: forward(model, tokens, lora=single),
         }
-        for method in cfg.methods:
+        for routing in cfg.methods:
             with count_compiles() as n:
-                out = forward(model, tokens, lora=routed, method=method)
+                out = forward(model, tokens, lora=routed, routing=routing)
                 out.block_until_ready()
-            compiles[method] += n[0]
-            checks[f"k{k}_{method}_equals_grouped"] = tol_check(agreement(out, reference))
-            variants[f"routed/{method}"] = lambda m=method, r=routed: forward(
-                model, tokens, lora=r, method=m
+            compiles[routing] += n[0]
+            checks[f"k{k}_{routing}_equals_grouped"] = tol_check(agreement(out, reference))
+            variants[f"routed/{routing}"] = lambda m=routing, r=routed: forward(
+                model, tokens, lora=r, routing=m
             )
         variants["grouped loop"] = grouped
         if peft_model is not None:

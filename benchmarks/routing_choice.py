@@ -1,4 +1,4 @@
-"""Measure the mixed-batch routing kernels to justify `routing.choose_method` (spec SW-ROUTE-3).
+"""Measure the mixed-batch routing kernels to justify `routing.choose_routing` (spec SW-ROUTE-3).
 
 Run: `.venv/bin/python -m benchmarks.routing_choice` (a few seconds per row). Prints, per shape,
 the median time of each kernel (ms, jitted, after one warm-up call) and the kernel `auto` picks.
@@ -13,7 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxlora.routing import choose_method, routed_delta
+from jaxlora.routing import choose_routing, routed_delta
 from jaxlora.types import LoraWeights
 
 SHAPES = [
@@ -27,7 +27,7 @@ SHAPES = [
     (8, 128, 4),
     (8, 128, 16),
 ]
-METHODS = ("gather", "onehot", "ragged")
+KERNELS = ("gather", "onehot", "ragged")
 
 
 def median_ms(fn, *args, repeats: int = 20) -> float:
@@ -43,7 +43,7 @@ def median_ms(fn, *args, repeats: int = 20) -> float:
 def main(d_in: int = 256, d_out: int = 256, rank: int = 8) -> None:
     key = jax.random.key(0)
     print(f"in={d_in} out={d_out} R={rank} float32, median ms over 20 runs")
-    print(f"{'B x T':>10} {'S':>4} " + " ".join(f"{m:>8}" for m in METHODS) + "    auto")
+    print(f"{'B x T':>10} {'S':>4} " + " ".join(f"{k:>8}" for k in KERNELS) + "    auto")
     for batch, tokens, slots in SHAPES:
         k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(key, slots * batch + tokens), 4)
         st = LoraWeights(
@@ -55,10 +55,10 @@ def main(d_in: int = 256, d_out: int = 256, rank: int = 8) -> None:
         x = jax.random.normal(k3, shape)
         ids = jax.random.randint(k4, (batch,), -1, slots)
         row = []
-        for method in METHODS:
-            fn = jax.jit(lambda x, st, ids, m=method: routed_delta(x, st, ids, method=m))
+        for kernel in KERNELS:
+            fn = jax.jit(lambda x, st, ids, k=kernel: routed_delta(x, st, ids, routing=k))
             row.append(median_ms(fn, x, st, ids))
-        picked = choose_method(x.shape, st)
+        picked = choose_routing(x.shape, st)
         label = f"{batch} x {tokens}"
         print(f"{label:>10} {slots:>4} " + " ".join(f"{t:8.2f}" for t in row) + f"    {picked}")
 

@@ -8,7 +8,7 @@ built and measured (spec SW-BENCH-4):
   `b` and `scale`; plus the process RSS growth, for information (allocator effects included);
 - switch latency: `jaxlora.select` (one adapter for the batch) and `StackedBank.ids` (slot ids
   for a batch of `batch` rows on different adapters);
-- forward time with `select` and with `Routed` (method `auto`) at N resident adapters;
+- forward time with `select` and with `Routed` (routing `auto`) at N resident adapters;
 - PEFT `set_adapter` latency with N adapters loaded (N <= `scale_peft_max`).
 
 Run: `python -m benchmarks --only scale`.
@@ -23,7 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 
 import jaxlora
-from jaxlora.models import Routed, forward
+from jaxlora.models import forward
 
 from ._harness import live_bytes, per_call_seconds, ratio, time_interleaved
 from ._setup import PROJECTIONS, Setup
@@ -103,7 +103,7 @@ def run(setup: Setup) -> dict[str, Any]:
         ids_t = per_call_seconds(
             lambda i, s=stacked, bn=batch_names: s.ids(bn), calls=100, repeats=cfg.repeats
         )
-        routed = Routed(stacked, jnp.asarray(stacked.ids(batch_names)))
+        routed = stacked.route(batch_names)
         routed_fwd = time_interleaved(
             {"routed forward": lambda r=routed: forward(model, tokens, lora=r)},
             warmup=cfg.warmup,

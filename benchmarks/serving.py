@@ -5,8 +5,9 @@ Starts the real HTTP server (`jaxlora.serve`) on 127.0.0.1 in this process, send
 random) and reports requests/s and generated tokens/s. Baselines, measured in the same run:
 
 - `sequential switch`: the seed's pattern 1 done naively: one request at a time in-process,
-  `jaxlora.generate(model, bank, [prompt], adapters=name)`, i.e. select the request's adapter
-  and generate; already jit-compiled for every prompt length (a generous baseline: no HTTP);
+  `generate(model, [prompt], lora=jaxlora.select(jaxlora.conform(bank), name))`, i.e. select
+  the request's adapter and generate; already jit-compiled for every prompt length (a
+  generous baseline: no HTTP);
 - `server, batch 1`: the same HTTP server restricted to batches of one row, 32 clients.
 
 Numbers are ratios measured in one run on this machine; nothing here is asserted.
@@ -87,14 +88,14 @@ def _load(url: str, requests: list[dict], clients: int) -> dict:
 
 def _sequential(model, bank, requests: list[dict]) -> dict:
     for length in sorted({len(r["tokens"]) for r in requests}):  # compile every length first
-        generate(
-            model, bank, [[1] * length], ADAPTERS[0], max_new_tokens=requests[0]["max_new_tokens"]
-        )
-        generate(model, bank, [[1] * length], None, max_new_tokens=requests[0]["max_new_tokens"])
+        for name in (ADAPTERS[0], None):
+            lora = jaxlora.select(jaxlora.conform(bank), name)
+            generate(model, [[1] * length], lora=lora, max_new_tokens=requests[0]["max_new_tokens"])
     start = time.perf_counter()
     tokens = 0
     for r in requests:
-        out = generate(model, bank, [r["tokens"]], r["adapter"], max_new_tokens=r["max_new_tokens"])
+        lora = jaxlora.select(jaxlora.conform(bank), r["adapter"])
+        out = generate(model, [r["tokens"]], lora=lora, max_new_tokens=r["max_new_tokens"])
         tokens += len(out.rows()[0])
     seconds = time.perf_counter() - start
     return {

@@ -21,7 +21,7 @@ from pathlib import Path
 from jaxlora.errors import ConfigError
 
 from .loader import BUILTIN, DriverLoadError, DriverUnavailable, load_driver
-from .markdown import previous_explanations, render_markdown
+from .markdown import previous_appendix, previous_explanations, render_markdown
 from .runner import FAIL, Report, RunConfig, read_id_file, run_suite
 
 __all__ = ["format_table", "main", "write_json", "write_text"]
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.json, report.to_json())
     if args.markdown:
         command = list(sys.argv[1:] if argv is None else argv)
-        text = render_markdown(report, command, previous_explanations(args.markdown))
+        previous, appendix = (f(args.markdown) for f in (previous_explanations, previous_appendix))
+        text = render_markdown(report, command, previous, appendix)
         write_text(args.markdown, text)
     return 1 if report.failed else 0

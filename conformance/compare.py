@@ -10,7 +10,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from .registry import ClauseFailure, expect
 from .strategies import Scenario
 
 __all__ = [
+    "blame",
     "expect_close",
     "expect_equal",
     "expect_error",
@@ -99,9 +101,25 @@ def expect_error(
     return error
 
 
+@contextlib.contextmanager
+def blame(clause_id: str, what: str) -> Iterator[None]:
+    """An exception the driver raises inside the block, where the spec asks for none, is a
+    failure of `clause_id` (the clause of the operation), not of the check's primary clause."""
+    try:
+        yield
+    except ClauseFailure:
+        raise
+    except Exception as e:  # any exception type: the driver failed where it must not
+        raise ClauseFailure(clause_id, f"{what}: the driver raised {type(e).__name__}: {e}") from e
+
+
 def load(driver, scenario: Scenario, names: Iterable[str] | None = None) -> dict:
-    """Build `scenario`'s model in `driver` and add its adapters; return `name -> RefAdapter`."""
-    driver.build(scenario.layers(), scenario.dtype)
+    """Build `scenario`'s model in `driver`, check the base model's output (SW-MODEL-1, so a
+    broken chain is reported as such and not as the clause a check is about) and add its
+    adapters; return `name -> RefAdapter`."""
+    layers, x = scenario.layers(), scenario.x()
+    driver.build(layers, scenario.dtype)
+    expect_close("SW-MODEL-1", driver.forward(x), oracle(layers, x, []), scenario.dtype, "base")
     adapters = scenario.adapters_by_name()
     chosen = list(adapters) if names is None else list(names)
     for name in chosen:

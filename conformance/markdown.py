@@ -2,7 +2,9 @@
 
 The "Why" column holds one human sentence per deviation. It cannot be generated, so when the
 file already exists its sentences are kept for every clause whose status has not changed; a
-clause whose status changed gets `TODO: explain` so the change is visible in review.
+clause whose status changed gets `TODO: explain` so the change is visible in review. So is
+everything from a line `## Appendix` on (e.g. standalone scripts that reproduce each
+deviation): it is written by people and copied unchanged.
 
 Example:
     $ python -m conformance --driver peft --max-examples 5 --steps 10 \\
@@ -17,8 +19,10 @@ from pathlib import Path
 
 from .runner import Report
 
-__all__ = ["previous_explanations", "render_markdown"]
+__all__ = ["APPENDIX", "previous_appendix", "previous_explanations", "render_markdown"]
 
+#: The heading from which an existing report's text is kept as it is.
+APPENDIX = "## Appendix"
 _ROW = re.compile(r"^\| (SW-[A-Z]+-\d+) \| ([a-z ]+?) \| ([^|]*?) \| (.*?) \|$", re.MULTILINE)
 
 
@@ -31,6 +35,16 @@ def previous_explanations(path: str | Path) -> dict[str, tuple[str, str]]:
     return {cid: (status, why.strip()) for cid, status, _, why in _ROW.findall(text)}
 
 
+def previous_appendix(path: str | Path) -> str:
+    """The text of an earlier report at `path` from its `## Appendix` heading on ("" if none)."""
+    path = Path(path)
+    if not path.is_file():
+        return ""
+    text = path.read_text(encoding="utf-8")
+    at = text.find("\n" + APPENDIX)
+    return text[at + 1 :] if at >= 0 else ""
+
+
 def _failing_check(report: Report, clause: str) -> str:
     for check in report.checks:
         if check.clause == clause and check.status == "fail":
@@ -38,8 +52,11 @@ def _failing_check(report: Report, clause: str) -> str:
     return next((c.name for c in report.checks if c.clause == clause), "")
 
 
-def render_markdown(report: Report, command: Sequence[str], previous: dict) -> str:
-    """The report as Markdown: versions, the command that produced it, one row per clause."""
+def render_markdown(
+    report: Report, command: Sequence[str], previous: dict, appendix: str = ""
+) -> str:
+    """The report as Markdown: versions, the command that produced it, one row per clause, then
+    `appendix` (kept from the previous report, see `previous_appendix`)."""
     versions = ", ".join(f"{k} {v}" for k, v in report.versions.items()) or "(not reported)"
     lines = [
         f"# {report.driver}: conformance to the switching spec",
@@ -72,4 +89,5 @@ def render_markdown(report: Report, command: Sequence[str], previous: dict) -> s
         lines.append(f"| {cid} | {status} | {check} | {why} |")
     counts = report.to_json()["summary"]
     lines += ["", "Summary: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + "."]
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    return text + ("\n" + appendix.rstrip("\n") + "\n" if appendix else "")

@@ -51,6 +51,11 @@ class Check:
         machine: a `RuleBasedStateMachine` subclass taking the driver, for stateful checks.
         clause_needs: extra capabilities per clause: without them the check still runs but does
             not count as covering that clause (a state machine skips those rules).
+        owns: the feature of the generated world this check verifies in isolation (a
+            capability such as "rslora", or a pseudo-feature such as "layouts", see
+            `conformance.strategies.on`); when it fails on its primary clause, other failing
+            checks are re-run without the feature (`conformance.attribution`).
+        examples: `examples(driver) -> list of cases` always run first (known hard cases).
     """
 
     name: str
@@ -60,6 +65,13 @@ class Check:
     cases: Callable[[Any], Any] | None = None
     machine: Callable[[Any], Any] | None = None
     clause_needs: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
+    owns: str | None = None
+    examples: Callable[[Any], list] | None = None
+
+    @property
+    def primary(self) -> str:
+        """The clause this check is mainly about (the first one registered)."""
+        return self.clauses[0]
 
     def covered(self, capabilities: Iterable[str]) -> tuple[str, ...]:
         """The clauses this check verifies for a driver with `capabilities`."""
@@ -86,6 +98,8 @@ def clause(
     needs: Iterable[str] = (),
     cases: Callable[[Any], Any] | None = None,
     clause_needs: dict[str, Iterable[str]] | None = None,
+    owns: str | None = None,
+    examples: Callable[[Any], list] | None = None,
     register: bool = True,
 ) -> Callable[[Callable], Check]:
     """Register a check under the clauses it verifies (primary clause first).
@@ -98,6 +112,8 @@ def clause(
         needs: driver capabilities required; without them the check is "not supported".
         cases: `cases(driver)` returns the Hypothesis strategy of cases.
         clause_needs: per-clause extra capabilities (see `Check.clause_needs`).
+        owns: the world feature this check verifies in isolation (see `Check.owns`).
+        examples: `examples(driver)`: cases always run (see `Check.examples`).
         register: add the check to `CHECKS` (False for ad-hoc checks).
     """
     if not clause_ids:
@@ -105,16 +121,22 @@ def clause(
 
     def wrap(fn: Callable) -> Check:
         ids, caps = tuple(clause_ids), frozenset(needs)
-        per_clause = {c: frozenset(n) for c, n in (clause_needs or {}).items()}
+        extra = {
+            "clause_needs": {c: frozenset(n) for c, n in (clause_needs or {}).items()},
+            "owns": owns,
+            "examples": examples,
+        }
         if isinstance(fn, type):
-            check = Check(fn.__name__, ids, caps, machine=fn, clause_needs=per_clause)
+            check = Check(fn.__name__, ids, caps, machine=fn, **extra)
         elif cases is None:
             raise ValueError(f"@clause on {fn.__name__}: give `cases=` (a strategy factory).")
         else:
-            check = Check(fn.__name__, ids, caps, fn=fn, cases=cases, clause_needs=per_clause)
+            check = Check(fn.__name__, ids, caps, fn=fn, cases=cases, **extra)
         if register:
             if any(c.name == check.name for c in CHECKS):
                 raise ValueError(f"a check named {check.name!r} is already registered.")
+            if owns is not None and any(c.owns == owns for c in CHECKS):
+                raise ValueError(f"feature {owns!r} already has an owning check.")
             CHECKS.append(check)
         return check
 

@@ -17,13 +17,14 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import HealthCheck, Phase, example, given, seed, settings
 from hypothesis import errors as hypothesis_errors
 from hypothesis.stateful import run_state_machine_as_test
 
 from jaxlora.errors import ConfigError
 
 from . import checks as _checks  # noqa: F401  (registers the checks)
+from .attribution import attribute
 from .registry import CHECKS, NOT_APPLICABLE, Check, ClauseFailure
 
 __all__ = [
@@ -65,6 +66,8 @@ class RunConfig:
             a different seed (see `check_seed`).
         clauses: comma-separated globs matched against clause IDs and check names.
         skips, xfails: ids (globs of check names or primary clause IDs) to skip / expect to fail.
+        shrink: shrink failures to the smallest counterexample (off in the mutation harness,
+            which only needs to know that a check fails).
 
     Raises:
         ConfigError: `max_examples` or `steps` is below 1.
@@ -76,6 +79,7 @@ class RunConfig:
     clauses: str | None = None
     skips: tuple[str, ...] = ()
     xfails: tuple[str, ...] = ()
+    shrink: bool = True
 
     def __post_init__(self) -> None:
         for field, flag in (("max_examples", "--max-examples"), ("steps", "--steps")):
@@ -105,7 +109,8 @@ def check_seed(name: str, run_seed: int | None) -> int:
 
 @dataclasses.dataclass
 class CheckResult:
-    """The outcome of one check; `clause` is the clause a failure violates."""
+    """The outcome of one check; `clause` is the clause a failure violates; a `blocked` check's
+    `blocked_by` lists the clauses whose failure it only repeats (`conformance.attribution`)."""
 
     name: str
     clauses: tuple[str, ...]
@@ -114,6 +119,7 @@ class CheckResult:
     message: str = ""
     counterexample: str = ""
     seconds: float = 0.0
+    blocked_by: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -178,7 +184,9 @@ def _settings(config: RunConfig) -> settings:
         print_blob=False,
         report_multiple_bugs=False,
         suppress_health_check=list(HealthCheck),
-        phases=[p for p in Phase if p is not Phase.explain],
+        phases=[
+            p for p in Phase if p is not Phase.explain and (config.shrink or p is not Phase.shrink)
+        ],
     )
 
 
@@ -207,6 +215,8 @@ def run_check(check: Check, driver, config: RunConfig) -> CheckResult:
             run_state_machine_as_test(factory, settings=_settings(config))
         else:
             prop = given(check.cases(driver))(lambda case: check.fn(driver, case))
+            for case in check.examples(driver) if check.examples else ():
+                prop = example(case)(prop)
             seed(this_seed)(_settings(config)(prop))()
     except hypothesis_errors.Unsatisfiable as e:
         result.status, result.clause, result.message = FAIL, check.clauses[0], f"suite: {e}"
@@ -239,6 +249,7 @@ def _clause_table(selected: Iterable[str], results: list[CheckResult]) -> dict[s
     for cid in ids:
         covering = [r for r in results if cid in r.clauses]
         violated = [r for r in results if r.status in (FAIL, XFAIL) and r.clause == cid]
+        blocked = [r for r in results if r.status == BLOCKED and r.clause == cid]
         if cid not in selected and not violated:
             continue
         statuses = {r.status for r in covering}
@@ -246,6 +257,8 @@ def _clause_table(selected: Iterable[str], results: list[CheckResult]) -> dict[s
             status = FAIL if any(r.status == FAIL for r in violated) else XFAIL
             first = violated[0]
             message = first.message + (f"\n{first.counterexample}" if first.counterexample else "")
+        elif blocked:
+            status, message = BLOCKED, blocked[0].message
         elif statuses & {PASS, XPASS}:
             status, message = PASS, ""
         elif cid in NOT_APPLICABLE:
@@ -283,9 +296,14 @@ def run_suite(driver, config: RunConfig | None = None, checks: list[Check] | Non
             covered = check.covered(driver.capabilities)
             results.append(CheckResult(check.name, covered, SKIPPED, message="skips file"))
             continue
-        result = run_check(check, driver, config)
+        results.append(run_check(check, driver, config))
+    attribute(
+        list(zip(chosen, results, strict=True)),
+        driver,
+        lambda check, view: run_check(check, view, config),
+    )
+    for check, result in zip(chosen, results, strict=True):
         _apply_expectations(result, check, config)
-        results.append(result)
     known = {c.name for c in checks} | {cid for c in checks for cid in c.clauses}
     unmatched = {
         kind: [p for p in ids if not _matches([p], *known)]

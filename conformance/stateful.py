@@ -19,14 +19,15 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 from jaxlora import reference
 
-from .compare import expect_close, expect_equal, expect_error, oracle
+from .compare import blame, expect_close, expect_equal, expect_error, oracle
 from .registry import clause
-from .strategies import adapter_specs, make_inputs, make_layers, precise_dtype, widths
+from .strategies import adapter_specs, layouts, make_inputs, make_layers, on, precise_dtype
 
-__all__ = ["OperationSequences"]
+__all__ = ["NAME_SETS", "OperationSequences"]
 
-NAMES = ("a", "b", "c")
-UNKNOWN = "zz"
+#: The machine's three adapter names: identifiers, or (feature "names") other valid names.
+NAME_SETS = (("a", "b", "c"), ("my.adapter", "0", "a b"), ("default", "__base__", "ä名"))
+UNKNOWN = "no_such_adapter"
 
 
 @clause(
@@ -65,32 +66,43 @@ class OperationSequences(RuleBasedStateMachine):
         self.active: tuple[str, ...] = ()
         self.seen: dict[tuple, np.ndarray] = {}  # history key -> first output
         self.deleted_active = False
+        self.names = NAME_SETS[0]
 
-    @initialize(model_widths=widths(), seed=st.integers(0, 2**16))
-    def build(self, model_widths, seed):
-        self.layers = make_layers(model_widths, seed, self.dtype)
-        self.width = model_widths[0]
-        self.driver.build(self.layers, self.dtype)
+    @initialize(data=st.data(), seed=st.integers(0, 2**16))
+    def build(self, data, seed):
+        layout = data.draw(layouts(self.driver), label="layout")
+        if on(self.driver, "names"):
+            self.names = data.draw(st.sampled_from(NAME_SETS), label="names")
+        self.layers = make_layers(layout, seed, self.dtype)
+        self.paths = layout.paths
+        self.width = layout.widths[0]
+        with blame("SW-MODEL-1", f"build {layout.paths}"):
+            self.driver.build(self.layers, self.dtype)
 
     # -- bank --------------------------------------------------------------------------------
-    @rule(name=st.sampled_from(NAMES), data=st.data(), seed=st.integers(0, 2**16))
-    def add(self, name, data, seed):
-        adapter = data.draw(adapter_specs(self.driver)).build(self.layers, seed, self.dtype)
+    @rule(i=st.integers(0, 2), data=st.data(), seed=st.integers(0, 2**16))
+    def add(self, i, data, seed):
+        name = self.names[i]
+        spec = data.draw(adapter_specs(self.driver, self.paths), label="adapter")
+        adapter = spec.build(self.layers, seed, self.dtype)
         if name in self.adapters:
             call = lambda: self.driver.add_adapter(name, adapter)  # noqa: E731
             expect_error("SW-BANK-1", self.driver, call, f"add existing {name!r}", [name])
             return
-        self.driver.add_adapter(name, adapter)
+        with blame("SW-BANK-1", f"add {name!r}"):
+            self.driver.add_adapter(name, adapter)
         self.adapters[name] = adapter
         self.tokens[name] = next(self.counter)
 
-    @rule(name=st.sampled_from((*NAMES, UNKNOWN)))
-    def delete(self, name):
+    @rule(i=st.integers(0, 3))
+    def delete(self, i):
+        name = (*self.names, UNKNOWN)[i]
         if name not in self.adapters:
             call = lambda: self.driver.delete_adapter(name)  # noqa: E731
             expect_error("SW-BANK-2", self.driver, call, f"delete unknown {name!r}", [name])
             return
-        self.driver.delete_adapter(name)
+        with blame("SW-BANK-2", f"delete {name!r}"):
+            self.driver.delete_adapter(name)
         del self.adapters[name]
         if name in self.active:
             self.active = tuple(n for n in self.active if n != name)
@@ -99,7 +111,7 @@ class OperationSequences(RuleBasedStateMachine):
     # -- active set --------------------------------------------------------------------------
     @rule(data=st.data())
     def set_active(self, data):
-        names = st.sampled_from((*NAMES, UNKNOWN))
+        names = st.sampled_from((*self.names, UNKNOWN))
         choices = [names]
         if "multi_active" in self.caps:
             choices.append(st.lists(names, min_size=1, max_size=3, unique=True))
@@ -110,12 +122,14 @@ class OperationSequences(RuleBasedStateMachine):
             call = lambda: self.driver.set_active(choice)  # noqa: E731
             expect_error("SW-ACTIVE-3", self.driver, call, f"set_active({choice!r})", unknown[:1])
             return
-        self.driver.set_active(choice)
+        with blame("SW-ACTIVE-1", f"set_active({choice!r})"):
+            self.driver.set_active(choice)
         self.active = wanted
 
     @rule()
     def disable(self):
-        self.driver.set_active(None)
+        with blame("SW-ACTIVE-2", "set_active(None)"):
+            self.driver.set_active(None)
         self.active = ()
 
     # -- forwards ----------------------------------------------------------------------------
@@ -125,13 +139,15 @@ class OperationSequences(RuleBasedStateMachine):
     @rule(x_seed=st.integers(0, 2), batch=st.sampled_from((1, 3)))
     def forward(self, x_seed, batch):
         x = self._x(x_seed, batch)
-        y = np.asarray(self.driver.forward(x))
-        want = oracle(self.layers, x, [self.adapters[n] for n in self.active])
         what = f"forward with active {list(self.active)}"
         if self.deleted_active:
             clause_id, what = "SW-BANK-2", what + " after deleting an active adapter"
         else:
             clause_id = "SW-FORWARD-1" if self.active else "SW-ACTIVE-2"
+            clause_id = clause_id if self.adapters else "SW-MODEL-1"
+        with blame(clause_id, what):
+            y = np.asarray(self.driver.forward(x))
+        want = oracle(self.layers, x, [self.adapters[n] for n in self.active])
         expect_close(clause_id, y, want, self.dtype, what)
         self.deleted_active = False
         key = (frozenset(self.tokens[n] for n in self.adapters), self.active, x_seed, batch)
@@ -151,7 +167,8 @@ class OperationSequences(RuleBasedStateMachine):
             bad = [*rows[:2], UNKNOWN]
             call = lambda: self.driver.forward_mixed(x, bad)  # noqa: E731
             expect_error("SW-MIXED-2", self.driver, call, f"mixed rows {bad}", [UNKNOWN])
-        y = self.driver.forward_mixed(x, rows)
+        with blame("SW-MIXED-1", f"mixed rows {rows}"):
+            y = self.driver.forward_mixed(x, rows)
         ads = [None if r is None else self.adapters[r] for r in rows]
         want = reference.mixed_forward(self.layers, x, ads, np.float64)
         expect_close("SW-MIXED-1", y, want, self.dtype, f"mixed rows {rows}")
@@ -160,12 +177,15 @@ class OperationSequences(RuleBasedStateMachine):
     @rule(x_seed=st.integers(0, 2))
     def merge_and_unmerge(self, x_seed):
         x = self._x(x_seed, 3)
-        before = np.asarray(self.driver.forward(x))
-        self.driver.merge()
+        with blame("SW-MERGE-1", f"merge with active {list(self.active)}"):
+            before = np.asarray(self.driver.forward(x))
+            self.driver.merge()
+            merged = self.driver.forward(x)
         want = oracle(self.layers, x, [self.adapters[n] for n in self.active])
-        expect_close("SW-MERGE-1", self.driver.forward(x), want, self.dtype, "merged forward")
-        self.driver.unmerge()
-        after = self.driver.forward(x)
+        expect_close("SW-MERGE-1", merged, want, self.dtype, "merged forward")
+        with blame("SW-MERGE-3", "unmerge"):
+            self.driver.unmerge()
+            after = self.driver.forward(x)
         if "exact_unmerge" in self.caps:
             expect_equal("SW-MERGE-2", after, before, "forward after merge + unmerge")
         else:

@@ -3,11 +3,17 @@
 Cases are small frozen dataclasses with a short `repr` (what a failure report prints as the
 shrunk counterexample); the NumPy arrays are derived from a seed, so a case stays readable.
 Values are rounded to the case's dtype before any driver or the oracle sees them (SW-TOL-1: the
-oracle computes in float64 from the very values the implementation holds).
+oracle computes in float64 from the very values the implementation holds). Layouts, pattern
+keys, target rules and adapter names come from `conformance.world` (adversarial on purpose).
+
+Some parts of the world are *features* that attribution (`conformance.attribution`) can switch
+off to see whether a failure needs them: the capabilities "rslora", "patterns", "multi_active",
+"mixed", "merge", "combine_cat" (removed from the driver's view), and "scaled" (alpha != r),
+"layouts" (colliding paths) and "names" (non-identifier adapter names), see `on`.
 
 Example:
     >>> spec = AdapterSpec(rank=2, alpha=4.0, targets=(0,))
-    >>> layers = make_layers((4, 3, 2), seed=0, dtype="float32")
+    >>> layers = make_layers(SIMPLE_PRESETS[0], seed=0, dtype="float32")
     >>> [p for p, _, _ in layers]
     ['blocks.0.q', 'blocks.0.o']
     >>> spec.build(layers, seed=1, dtype="float32").scale_at("blocks.0.q")
@@ -17,7 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 import numpy as np
 from hypothesis import strategies as st
@@ -25,39 +31,47 @@ from hypothesis import strategies as st
 from jaxlora.reference import RefAdapter
 
 from .driver import Layers
+from .world import (
+    LAYOUT_PRESETS,
+    SIMPLE_PRESETS,
+    Layout,
+    few_shapes,
+    free_layouts,
+    pattern_keys,
+)
 
 __all__ = [
     "ALPHAS",
-    "PATTERN_KEYS",
+    "PSEUDO_FEATURES",
     "RANKS",
-    "WIDTH_PRESETS",
+    "SIMPLE_PRESETS",
     "AdapterSpec",
+    "Layout",
     "Scenario",
     "adapter_specs",
-    "layer_paths",
+    "layouts",
     "make_inputs",
     "make_layers",
+    "on",
     "precise_dtype",
     "round_to",
     "scenarios",
     "supported_dtypes",
-    "target_rules",
-    "widths",
 ]
 
-#: Layer widths `(in_1, out_1 = in_2, ..., out_n)`: a few fixed sets, since every new shape is a
-#: new compilation for a jitted implementation. Non-square layers catch orientation bugs.
-WIDTH_PRESETS = ((4, 3, 5), (3, 6, 4, 2), (5, 4, 4, 3), (4, 6, 3))
 RANKS = (1, 2, 4)
 ALPHAS = (1.0, 2.0, 3.0, 8.0, 16.0)
-#: rank/alpha pattern keys (PEFT's `(.*\.)?(key)$` rule, SW-SCALE-3), over `layer_paths` names.
-PATTERN_KEYS = ("q", "o", "0.q", "1.o", "blocks.0.o", r"blocks\.1\.q")
 FLOAT_DTYPES = ("float64", "float32", "bfloat16", "float16")
+#: Parts of the generated world that are not capabilities but can be switched off.
+PSEUDO_FEATURES = frozenset({"scaled", "layouts", "names"})
 
 
-def layer_paths(n: int) -> list[str]:
-    """The spec model's paths: `blocks.0.q, blocks.0.o, blocks.1.q, ...` (SW-MODEL-1)."""
-    return [f"blocks.{i // 2}.{'qo'[i % 2]}" for i in range(n)]
+def on(driver, feature: str) -> bool:
+    """Whether `feature` is part of the world drawn for `driver`: a capability it declares, or
+    a pseudo-feature not listed in its `suite_features_off` (set by attribution re-runs)."""
+    if feature in getattr(driver, "suite_features_off", ()):
+        return False
+    return feature in PSEUDO_FEATURES or feature in driver.capabilities
 
 
 def supported_dtypes(driver) -> list[str]:
@@ -85,11 +99,12 @@ def round_to(values: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(values).astype(dtype).astype(np.float64)
 
 
-def make_layers(widths: tuple[int, ...], seed: int, dtype: str) -> Layers:
-    """Random base layers for `widths` (SW-MODEL-1), rounded to `dtype`."""
+def make_layers(layout: Layout, seed: int, dtype: str) -> Layers:
+    """Random base layers for `layout` (SW-MODEL-1), rounded to `dtype`."""
     rng = np.random.default_rng([seed, 0])
     layers = []
-    for path, d_in, d_out in zip(layer_paths(len(widths) - 1), widths, widths[1:], strict=False):
+    widths = layout.widths
+    for path, d_in, d_out in zip(layout.paths, widths, widths[1:], strict=False):
         w = rng.uniform(-1, 1, (d_in, d_out)) / np.sqrt(d_in)
         c = rng.uniform(-0.5, 0.5, d_out)
         layers.append((path, round_to(w, dtype), round_to(c, dtype)))
@@ -135,6 +150,17 @@ class AdapterSpec:
         chosen = [layers[i][0] for i in sorted(set(self.targets)) if i < len(layers)]
         return chosen or [layers[0][0]]
 
+    def config(self) -> RefAdapter:
+        """The config alone (no weights)."""
+        return RefAdapter(
+            r=self.rank,
+            lora_alpha=float(self.alpha),
+            weights={},
+            use_rslora=self.rslora,
+            rank_pattern=dict(self.rank_pattern),
+            alpha_pattern=dict(self.alpha_pattern),
+        )
+
     def build(
         self,
         layers: Layers,
@@ -146,19 +172,10 @@ class AdapterSpec:
     ) -> RefAdapter:
         """The `RefAdapter` with random A/B (B nonzero) rounded to `dtype`."""
         rng = np.random.default_rng([seed, 2])
-        rank_pattern = dict(self.rank_pattern)
-        ad = RefAdapter(
-            r=self.rank,
-            lora_alpha=float(self.alpha),
-            weights={},
-            use_rslora=self.rslora,
-            rank_pattern=rank_pattern,
-            alpha_pattern=dict(self.alpha_pattern),
-        )
-        shapes = {p: w.shape for p, w, _ in layers}
+        ad = self.config()
         targeted = self.paths(layers)
-        for path in shapes:
-            d_in, d_out = shapes[path]
+        for path, w, _ in layers:
+            d_in, d_out = w.shape
             r = ad.rank_at(path)
             if path in targeted:
                 a = round_to(rng.normal(size=(d_in, r)) / np.sqrt(d_in), dtype)
@@ -185,68 +202,65 @@ def padded_config(ad: RefAdapter, extra: int) -> RefAdapter:
     return dataclasses.replace(ad, r=r, lora_alpha=float(ad.lora_alpha * ratio))
 
 
-def widths() -> st.SearchStrategy[tuple[int, ...]]:
-    """Model widths from `WIDTH_PRESETS`."""
-    return st.sampled_from(WIDTH_PRESETS)
+def layouts(driver) -> st.SearchStrategy[Layout]:
+    """Model layouts for `driver`: `SIMPLE_PRESETS` when "layouts" is off, `LAYOUT_PRESETS` for
+    drivers that compile per shape, else those or free layouts of up to 8 layers."""
+    if not on(driver, "layouts"):
+        return st.sampled_from(SIMPLE_PRESETS)
+    if few_shapes(driver):
+        return st.sampled_from(LAYOUT_PRESETS)
+    return st.one_of(st.sampled_from(LAYOUT_PRESETS), free_layouts())
 
 
 @st.composite
-def _patterns(draw, values: Iterable) -> tuple:
-    keys = draw(st.lists(st.sampled_from(PATTERN_KEYS), max_size=2, unique=True))
-    values = tuple(values)
-    return tuple((k, draw(st.sampled_from(values))) for k in keys)
+def _patterns(draw, paths: Sequence[str], values: Sequence, min_size: int = 0) -> tuple:
+    """Up to 3 keys, each derived from a drawn path (so several keys often match one path, in
+    either order), with distinct values (so the first-match rule is observable)."""
+    n = draw(st.integers(min_size, 3))
+    keys: list[str] = []
+    for _ in range(n):
+        path = draw(st.sampled_from(list(paths)))
+        key = draw(st.sampled_from(pattern_keys([path])))
+        if key not in keys:
+            keys.append(key)
+    chosen = draw(st.permutations(list(values)))
+    return tuple(zip(keys, chosen, strict=False))
 
 
 def adapter_specs(
     driver,
+    paths: Sequence[str],
     *,
     ranks: tuple[int, ...] = RANKS,
     rslora: bool | None = None,
     patterns: bool | None = None,
 ) -> st.SearchStrategy[AdapterSpec]:
-    """Adapters: rank, alpha, targets; rsLoRA and patterns when the driver declares them.
+    """Adapters for a model with `paths`: rank, alpha, targets; rsLoRA and patterns when the
+    driver declares them.
 
     Arguments:
-        driver: its capabilities decide whether rsLoRA/patterns are drawn (when not forced).
+        driver: its capabilities (and features, `on`) decide what is drawn when not forced.
+        paths: the model's layer paths (targets are indices into them; keys derive from them).
         ranks: the ranks to draw from.
         rslora, patterns: force on (True) or off (False); None: draw when supported.
     """
-    caps = driver.capabilities
-    rs = (
-        st.just(rslora)
-        if rslora is not None
-        else st.booleans()
-        if "rslora" in caps
-        else st.just(False)
-    )
-    use_patterns = patterns if patterns is not None else "patterns" in caps
-    pat_r = _patterns(ranks) if use_patterns else st.just(())
-    pat_a = _patterns(ALPHAS) if use_patterns else st.just(())
-    if patterns:
-        pat_r = pat_r.filter(bool)
+    alphas: Sequence[float] = ALPHAS
+    if not on(driver, "scaled"):  # every scale is 1
+        ranks, alphas = (1,), (1.0,)
+    rs = st.just(rslora) if rslora is not None else st.booleans() if on(driver, "rslora") else None
+    use_patterns = patterns if patterns is not None else on(driver, "patterns")
+    empty = st.just(())
     return st.builds(
         AdapterSpec,
         rank=st.sampled_from(ranks),
-        alpha=st.sampled_from(ALPHAS),
-        targets=st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True).map(
-            lambda t: tuple(sorted(t))
-        ),
-        rslora=rs,
-        rank_pattern=pat_r,
-        alpha_pattern=pat_a,
+        alpha=st.sampled_from(alphas),
+        targets=st.lists(
+            st.integers(0, len(paths) - 1), min_size=1, max_size=len(paths), unique=True
+        ).map(lambda t: tuple(sorted(t))),
+        rslora=rs if rs is not None else st.just(False),
+        rank_pattern=_patterns(paths, ranks, 1 if patterns else 0) if use_patterns else empty,
+        alpha_pattern=_patterns(paths, alphas) if use_patterns else empty,
     )
-
-
-def target_rules() -> st.SearchStrategy:
-    """`target_modules` values (a list of names or a regex string, SW-TARGET-1)."""
-    names = st.lists(
-        st.sampled_from(["q", "o", "0.q", "blocks.1.o", "k", "blocks.0"]),
-        min_size=1,
-        max_size=3,
-        unique=True,
-    )
-    regex = st.sampled_from([r"blocks\.\d\.q", r".*o", "all-linear", r"blocks\.1\..*", "q"])
-    return st.one_of(names, regex)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,12 +268,13 @@ class Scenario:
     """A model, some adapters named `a0, a1, ...`, an input batch and a dtype, from one seed.
 
     Example:
-        >>> sc = Scenario((4, 3, 5), (AdapterSpec(1, 2.0, (1,)),), batch=2, dtype="float64", seed=0)
+        >>> sc = Scenario(SIMPLE_PRESETS[0], (AdapterSpec(1, 2.0, (1,)),), batch=2, dtype="float64",
+        ...               seed=0)
         >>> sc.x().shape, sorted(sc.adapters_by_name())
         ((2, 4), ['a0'])
     """
 
-    widths: tuple[int, ...]
+    layout: Layout
     adapters: tuple[AdapterSpec, ...]
     batch: int
     dtype: str
@@ -267,12 +282,17 @@ class Scenario:
 
     def __repr__(self) -> str:
         return (
-            f"Scenario(widths={self.widths}, adapters={list(self.adapters)}, "
-            f"batch={self.batch}, dtype={self.dtype!r}, seed={self.seed})"
+            f"Scenario(paths={self.layout.paths}, widths={self.layout.widths}, "
+            f"adapters={list(self.adapters)}, batch={self.batch}, dtype={self.dtype!r}, "
+            f"seed={self.seed})"
         )
 
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return self.layout.widths
+
     def layers(self) -> Layers:
-        return make_layers(self.widths, self.seed, self.dtype)
+        return make_layers(self.layout, self.seed, self.dtype)
 
     def names(self) -> list[str]:
         return [f"a{i}" for i in range(len(self.adapters))]
@@ -288,22 +308,26 @@ class Scenario:
         return make_inputs(self.widths[0], batch or self.batch, self.seed + 7919 * salt, self.dtype)
 
 
+@st.composite
 def scenarios(
+    draw,
     driver,
     *,
     n_adapters: tuple[int, int] = (1, 1),
     dtype: str | None = None,
     batches: tuple[int, ...] = (1, 3),
+    layout: st.SearchStrategy[Layout] | None = None,
     **adapter_kwargs,
-) -> st.SearchStrategy[Scenario]:
-    """Scenarios for `driver`: `n_adapters` (min, max) adapters, dtype (default: precise)."""
-    return st.builds(
-        Scenario,
-        widths=widths(),
-        adapters=st.lists(
-            adapter_specs(driver, **adapter_kwargs), min_size=n_adapters[0], max_size=n_adapters[1]
-        ).map(tuple),
-        batch=st.sampled_from(batches),
-        dtype=st.just(dtype or precise_dtype(driver)),
-        seed=st.integers(0, 2**16),
+) -> Scenario:
+    """Scenarios for `driver`: a layout (default `layouts(driver)`), `n_adapters` (min, max)
+    adapters, dtype (default: precise)."""
+    chosen = draw(layout if layout is not None else layouts(driver))
+    specs = adapter_specs(driver, chosen.paths, **adapter_kwargs)
+    adapters = draw(st.lists(specs, min_size=n_adapters[0], max_size=n_adapters[1]))
+    return Scenario(
+        layout=chosen,
+        adapters=tuple(adapters),
+        batch=draw(st.sampled_from(batches)),
+        dtype=dtype or precise_dtype(driver),
+        seed=draw(st.integers(0, 2**16)),
     )

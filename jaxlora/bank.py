@@ -1,4 +1,4 @@
-"""`AdapterBank` and the pure functions on it: `select`, `conform`, `stack`.
+"""`AdapterBank` and the pure functions on it: `select`, `conform`, `stack`, `unstack`, `trim`.
 
 A bank is an immutable mapping `name -> adapter` (adapter = `path -> LoraWeights`) and a pytree.
 Every operation returns a new bank; there is no "active adapter" stored anywhere: the active set
@@ -30,6 +30,7 @@ from .errors import (
     AdapterNotFoundError,
     ConfigError,
     ShapeMismatchError,
+    TargetNotFoundError,
     format_names,
 )
 from .lora import check_weights
@@ -43,6 +44,8 @@ __all__ = [
     "pad_to_rank",
     "select",
     "stack",
+    "trim",
+    "unstack",
 ]
 
 
@@ -351,3 +354,125 @@ def _refuse_non_finite(
         return
     for name, adapter in zip(names, adapters, strict=True):
         check_finite(adapter, name=name)
+
+
+def unstack(stacked: StackedBank) -> AdapterBank:
+    """The inverse of `stack`: slot `i` becomes the adapter `stacked.names[i]` (SW-TRAIN-6).
+
+    Every adapter keeps the stacked (conformed) rank and targets; `trim` removes the padding.
+    `stack(unstack(s))` equals `s` exactly.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = LoraWeights(jnp.ones((2, 3, 1)), jnp.ones((2, 1, 3)), jnp.asarray([1.0, 2.0]))
+        >>> bank = unstack(StackedBank({"l0": w}, ("a", "b")))
+        >>> bank.names, float(bank["b"]["l0"].scale)
+        (('a', 'b'), 2.0)
+    """
+    if not isinstance(stacked, StackedBank):
+        raise ConfigError(
+            f"unstack expects a StackedBank (from jaxlora.stack), got {type(stacked).__name__}."
+        )
+    for path, w in stacked.weights.items():
+        check_weights(w, where=f"stacked bank, layer {path!r}", stacked=True)
+        if w.a.shape[0] != len(stacked.names):
+            raise ShapeMismatchError(
+                f"stacked bank, layer {path!r}: {w.a.shape[0]} slots of weights but "
+                f"{len(stacked.names)} names {stacked.names}."
+            )
+    return AdapterBank._trusted(
+        {
+            name: {
+                path: LoraWeights(w.a[i], w.b[i], w.scale[i]) for path, w in stacked.weights.items()
+            }
+            for i, name in enumerate(stacked.names)
+        }
+    )
+
+
+def _trim_adapter(
+    name: str, adapter: Mapping[str, LoraWeights], like: Mapping[str, LoraWeights] | None
+) -> dict[str, LoraWeights]:
+    out = {}
+    for path, w in adapter.items():
+        a, b = np.asarray(w.a), np.asarray(w.b)
+        used = np.any(a != 0, axis=0) | np.any(b != 0, axis=1)
+        if like is None:
+            if not used.any() and float(np.asarray(w.scale)) == 0.0:
+                continue  # a target added by conform (zero factors, zero scale)
+            rank = int(np.nonzero(used)[0][-1]) + 1 if used.any() else w.rank
+            out[path] = LoraWeights(w.a[:, :rank], w.b[:rank], w.scale)
+            continue
+        rank = like[path].rank if path in like else 0
+        if rank > w.rank:
+            raise ShapeMismatchError(
+                f"adapter {name!r}, layer {path!r}: the original has rank {rank} but the "
+                f"adapter to trim has rank {w.rank}; `like` must be the adapter before conform."
+            )
+        if used[rank:].any():
+            lost = float(max(np.abs(a[:, rank:]).max(initial=0), np.abs(b[rank:]).max(initial=0)))
+            where = f"rank columns {rank}..{w.rank - 1}" if rank else "the whole layer"
+            raise ConfigError(
+                f"adapter {name!r}, layer {path!r}: trim would drop non-zero factors "
+                f"({where}, max |value| {lost:.3g}) that the original adapter does not have. "
+                "Training moved the zero padding (an optimizer that updates parameters whose "
+                "gradient is zero, e.g. one adding noise); trim without `like` to keep them."
+            )
+        if rank:
+            o = like[path]
+            out[path] = LoraWeights(
+                jnp.asarray(w.a[:, :rank], o.a.dtype), jnp.asarray(w.b[:rank], o.b.dtype), w.scale
+            )
+    if like is not None:
+        missing = sorted(set(like) - set(adapter))
+        if missing:
+            raise TargetNotFoundError(
+                f"adapter {name!r}: the original targets {format_names(missing)}, which the "
+                "adapter to trim does not have; `like` must be the adapter before conform."
+            )
+    return out
+
+
+def trim(
+    adapters: AdapterBank | Adapter, like: AdapterBank | Adapter | None = None
+) -> AdapterBank | dict[str, LoraWeights]:
+    """Drop the zero padding `conform` added: trailing zero rank columns and zero targets.
+
+    With `like` (the adapter or bank before `conform`), each layer gets exactly the original
+    targets, ranks and dtypes; dropping anything that is not zero raises `ConfigError`. Without
+    it, trailing rank columns whose `a` column and `b` row are all zero are dropped, and so are
+    layers whose factors and scale are all zero (what `conform` adds for a missing target). The
+    scale is never changed, so `jaxlora.io.save_peft` writes the original `r` and `lora_alpha`
+    (SW-TRAIN-6). A host operation (shapes change): call it outside `jit`.
+
+    Arguments:
+        adapters: an `AdapterBank` (every adapter trimmed) or one adapter.
+        like: the same kind, before `conform` (a bank may hold more adapters); its paths and
+            ranks are the ones kept.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = LoraWeights(jnp.ones((4, 2)), jnp.ones((2, 3)), jnp.asarray(2.0))
+        >>> bank = AdapterBank({"a": {"l0": w}, "b": {"l1": w}})
+        >>> back = trim(unstack(stack(conform(bank, max_rank=4))))
+        >>> {n: {p: x.rank for p, x in ad.items()} for n, ad in back.items()}
+        {'a': {'l0': 2}, 'b': {'l1': 2}}
+    """
+    if isinstance(adapters, AdapterBank):
+        if like is not None and not isinstance(like, AdapterBank):
+            raise ConfigError("trim(bank, like=...) takes the bank before conform as `like`.")
+        missing = [] if like is None else [n for n in adapters.names if n not in like]
+        if missing:
+            raise AdapterNotFoundError(
+                f"trim: `like` has no adapter {format_names(missing)} (it holds "
+                f"{format_names(like.names)}); give the bank before conform."
+            )
+        return AdapterBank._trusted(
+            {
+                n: _trim_adapter(n, ad, None if like is None else like[n])
+                for n, ad in adapters.items()
+            }
+        )
+    adapter = check_adapter("adapter", adapters, label="the adapter to trim")
+    ref = None if like is None else check_adapter("like", like, label="`like`")
+    return _trim_adapter("adapter", adapter, ref)

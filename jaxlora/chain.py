@@ -54,9 +54,9 @@ class DenseChain:
             )
         if len(set(self.paths)) != len(self.paths):
             raise ConfigError(f"DenseChain paths must be unique: {self.paths}.")
-        shapes = [getattr(k, "shape", None) for k in self.kernels]
-        if any(s is None for s in shapes):  # placeholders during pytree unflattening
-            return
+        if any(getattr(k, "shape", None) is None for k in self.kernels):
+            return  # placeholders during pytree unflattening
+        shapes = [tuple(k.shape) for k in self.kernels]
         for i in range(len(shapes) - 1):
             if shapes[i][1] != shapes[i + 1][0]:
                 raise ShapeMismatchError(
@@ -92,7 +92,14 @@ class DenseChain:
 
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
         """`path -> (in, out)`, the argument `jaxlora.init_adapter` takes."""
-        return {p: tuple(k.shape) for p, k in zip(self.paths, self.kernels, strict=True)}
+        return {
+            p: (int(k.shape[0]), int(k.shape[1]))
+            for p, k in zip(self.paths, self.kernels, strict=True)
+        }
+
+    def lora_kernels(self) -> dict[str, Array]:
+        """`path -> kernel`: with `replace_kernels`, the `jaxlora.params.KernelHolder` protocol."""
+        return dict(zip(self.paths, self.kernels, strict=True))
 
     def replace_kernels(self, kernels: Mapping[str, Array]) -> DenseChain:
         """A new chain with the kernels at the given paths replaced."""

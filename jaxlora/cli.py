@@ -4,6 +4,7 @@ and is imported only when used.
 Example:
     $ jaxlora demo
     $ jaxlora --help
+    $ python -m jaxlora --help
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "list the adapters of a PEFT directory and whether they load"),
     "serve": ("serve", "serve many adapters over HTTP with dynamic mixed batching"),
     "compare": ("compare", "per-request divergence between two adapters, offline"),
-    "bench": ("bench", "benchmarks: switching, overhead, mixed batches, decode, scale vs PEFT"),
 }
+
+#: the benchmarks are not part of the installed package (SW-PKG-2)
+EPILOG = "Benchmarks run from a git checkout of jaxlora: python -m benchmarks --help"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="jaxlora",
         description="jaxlora: many LoRA adapters on one base model, switched by pure functions.",
+        epilog=EPILOG,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

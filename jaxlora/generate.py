@@ -1,9 +1,11 @@
 """Batch generation where every row may use a different adapter (spec SW-GEN-1..6).
 
-Prompts are left padded to one length, prefilled in one call, then decoded one token per step
-by a jit-compiled step whose shapes never change (the KV cache is preallocated to
-`prompt_len + max_new_tokens`), so it compiles once per batch shape and bank shape; which
-adapter each row uses is data (slot ids), never a retrace.
+A thin wrapper over the engine (`jaxlora.engine`): each prompt becomes one `Request`, all are
+submitted to an `Engine` and run to completion on this thread. Rows are independent: a row's
+tokens depend on its own prompt, adapter, sampling settings and seed, and on the engine's
+configuration, never on the other rows (SW-ENGINE-2). Without `config=`, the configuration is
+derived from the batch (`default_config`); pass the same `EngineConfig` to the server, or to
+another `generate` call, to get bitwise the same tokens there.
 
 Example:
     >>> import jax, jaxlora
@@ -21,26 +23,26 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from .engine import Engine, EngineConfig, Request, SamplingParams
+from .engine import compile_counts as _engine_compile_counts
+from .engine import steps as _steps
 from .errors import ConfigError
-from .models.llama import Llama, check_lora, init_cache
-from .types import LoraSelection, Routing
+from .models.llama import Llama, check_lora
+from .types import NO_ADAPTER, LoraSelection, Routed, Routing
 
-__all__ = ["Generation", "compile_counts", "generate"]
+__all__ = ["Generation", "compile_counts", "default_config", "generate"]
 
 Array = jax.Array
 
-#: How many decode steps run between checks that every row has stopped (a host sync).
-_STOP_CHECK_EVERY = 8
+#: The jitted decode step every engine shares (one executable per shape set).
+_decode_step = _steps.decode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,62 +52,20 @@ class Generation:
     Arguments:
         tokens: `[batch, max_new_tokens]` generated ids; `pad_id` after a row's stop token.
         lengths: `[batch]` generated tokens per row, the stop token included.
-        prompt_len: the padded prompt length.
-        seconds: wall time of prefill + decode (after compilation if it was cached).
+        prompt_len: the longest prompt's length.
+        seconds: wall time of the generation (after compilation if it was cached).
+        logprobs: `[batch, max_new_tokens]` log-probabilities of the tokens (0 after a stop).
     """
 
     tokens: np.ndarray
     lengths: np.ndarray
     prompt_len: int
     seconds: float
+    logprobs: np.ndarray | None = None
 
     def rows(self) -> list[list[int]]:
         """Each row's generated tokens, without the padding after a stop."""
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths, strict=True)]
-
-
-def _pick(logits, key, step, temperature, greedy: bool, top_k: int | None):
-    """Next token per row: argmax, or a sample from softmax(logits / T) over the top k."""
-    logits = logits.astype(jnp.float32)
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    keys = jax.random.split(jax.random.fold_in(key, step), logits.shape[0])
-    return jax.vmap(jax.random.categorical)(keys, logits / temperature).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "routing"), donate_argnames=("cache",))
-def _prefill(graphdef, state, tokens, mask, cache, lora, routing):
-    model = nnx.merge(graphdef, state)
-    logits, cache = model.run(tokens, cache, mask, lora, routing)
-    return logits[:, -1], cache
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "routing", "greedy", "top_k"),
-    donate_argnames=("cache",),
-)
-def _decode_step(
-    graphdef, state, logits, cache, done, stop, step, sampling, lora, routing, greedy, top_k
-):
-    key, temperature, pad_id = sampling
-    token = _pick(logits, key, step, temperature, greedy, top_k)
-    token = jnp.where(done, pad_id, token)
-    done = done | jnp.any(token[:, None] == stop, axis=-1)
-    model = nnx.merge(graphdef, state)
-    ones = jnp.ones((token.shape[0], 1), bool)
-    logits, cache = model.run(token[:, None], cache, ones, lora, routing)
-    return token, done, logits[:, 0], cache
-
-
-@functools.partial(jax.jit, static_argnames=("greedy", "top_k"))
-def _last_token(logits, done, step, sampling, greedy, top_k):
-    key, temperature, pad_id = sampling
-    token = _pick(logits, key, step, temperature, greedy, top_k)
-    return jnp.where(done, pad_id, token)
 
 
 def compile_counts() -> dict[str, int]:
@@ -115,26 +75,55 @@ def compile_counts() -> dict[str, int]:
         >>> sorted(compile_counts())
         ['decode', 'prefill']
     """
-    return {"prefill": _prefill._cache_size(), "decode": _decode_step._cache_size()}
+    return _engine_compile_counts()
 
 
-def _stop_array(stop_tokens, batch: int) -> np.ndarray:
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def default_config(
+    prompts: Sequence[Sequence[int]], max_new_tokens: int, *, routing: Routing = "auto"
+) -> EngineConfig:
+    """The `EngineConfig` `generate` uses without `config=`: every prompt in one pool.
+
+    `rows` = the number of prompts rounded up to a power of two (at most 64), `max_len` = the
+    longest prompt + `max_new_tokens` rounded up to a multiple of 32, one prefill chunk size
+    (the longest prompt rounded up to a power of two, at most 256) and room for every row's
+    chunk in one prefill call: batches of the same shape share one compilation (SW-GEN-5).
+
+    Example:
+        >>> default_config([[1, 2, 3], [4]], 5).compiled_shapes()
+        {'decode': (2, 1), 'prefill/4': (2, 4)}
+    """
+    longest = max(len(p) for p in prompts)
+    rows = min(_pow2(len(prompts)), 64)
+    max_len = -(-(longest + max_new_tokens) // 32) * 32
+    chunk = min(_pow2(longest), 256, max_len)
+    return EngineConfig(
+        rows=rows,
+        max_len=max_len,
+        chunks=(chunk,),
+        prefill_tokens=chunk * min(rows, max(1, 1024 // chunk)),
+        routing=routing,
+    )
+
+
+def _stop_lists(stop_tokens, batch: int) -> list[tuple[int, ...]]:
     stop_tokens = list(stop_tokens)
     per_row = bool(stop_tokens) and not isinstance(stop_tokens[0], int | np.integer)
-    rows = [list(s) for s in stop_tokens] if per_row else [stop_tokens] * batch
+    rows = [tuple(int(t) for t in s) for s in stop_tokens] if per_row else None
+    if rows is None:
+        return [tuple(int(t) for t in stop_tokens)] * batch
     if len(rows) != batch:
         raise ConfigError(
             f"`stop_tokens` has {len(rows)} per-row lists but there are {batch} prompts; give "
             "one list per prompt or one flat list for every row."
         )
-    width = max(1, *(len(r) for r in rows))
-    out = np.full((batch, width), -1, np.int32)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
+    return rows
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, vocab: int):
+def _check_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[tuple[int, ...]]:
     if not prompts:
         raise ConfigError("`prompts` is empty; pass a list of token-id lists.")
     rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
@@ -146,13 +135,20 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, vocab: int):
                 f"prompt {i} has token id {int(row.max() if row.max() >= vocab else row.min())} "
                 f"outside the vocabulary [0, {vocab})."
             )
-    width = max(r.size for r in rows)
-    tokens = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), bool)
-    for i, row in enumerate(rows):
-        tokens[i, width - row.size :] = row
-        mask[i, width - row.size :] = True
-    return tokens, mask
+    return [tuple(int(t) for t in row) for row in rows]
+
+
+def _seeds(seed, key, batch: int) -> list[int]:
+    if seed is not None:
+        seeds = [seed] * batch if isinstance(seed, int | np.integer) else list(seed)
+        if len(seeds) != batch:
+            raise ConfigError(f"`seed` has {len(seeds)} entries for {batch} prompts.")
+        return [int(s) for s in seeds]
+    if key is None:
+        return [0] * batch
+    # one uint32 seed per row from the key: the same key gives the same tokens (SW-GEN-4)
+    bits = jax.random.bits(key, (batch,), np.uint32)
+    return [int(b) for b in np.asarray(bits)]
 
 
 def generate(
@@ -164,27 +160,31 @@ def generate(
     max_new_tokens: int,
     temperature: float = 0.0,
     top_k: int | None = None,
+    top_p: float = 1.0,
     key: Array | None = None,
+    seed: int | Sequence[int] | None = None,
     stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (),
     pad_id: int = 0,
+    config: EngineConfig | None = None,
 ) -> Generation:
     """Generate up to `max_new_tokens` per prompt, each row under its own adapter.
 
     Arguments:
         model: the decoder.
-        prompts: token-id lists, any lengths (left padded with `pad_id`).
+        prompts: token-id lists, any lengths.
         lora: `stacked.route(names)` (one adapter name or None per prompt, a mixed batch,
             SW-GEN-1; `stacked = jaxlora.stack(jaxlora.conform(bank))`, made once),
             `jaxlora.select(bank, name)` / one adapter for every row, or None (the base model).
-        routing: the mixed-batch kernel (see `jaxlora.routing`).
+        routing: the mixed-batch kernel (see `jaxlora.routing`), when `config` is not given.
         max_new_tokens: tokens to generate per row (fewer if the row stops).
-        temperature: 0 for greedy; otherwise sample from `softmax(logits / temperature)`.
-        top_k: sample only among the `top_k` largest logits.
-        key: `jax.random.key`, required when sampling; row `i` at step `t` uses
-            `split(fold_in(key, t), batch)[i]`.
+        temperature: 0 for greedy; otherwise sample (`jaxlora.engine.sampling`).
+        top_k, top_p: sample only among the `top_k` largest logits / the top-`top_p` mass.
+        key: `jax.random.key`; row `i` samples with seed `jax.random.bits(key, (batch,))[i]`.
+        seed: instead of `key`, one seed for every row or one per row (the server's `seed`).
         stop_tokens: token ids that end a row (kept in its output), one flat list for all rows
             or one list per row.
-        pad_id: the padding id, left of prompts and after a stopped row's last token.
+        pad_id: the id written after a stopped row's last token.
+        config: the engine's sizes (default `default_config(prompts, max_new_tokens)`).
 
     Returns:
         A `Generation`; `.rows()` lists each row's tokens.
@@ -200,51 +200,59 @@ def generate(
             f"`temperature` must be a finite number >= 0, got {temperature!r}; use 0.0 for "
             "greedy decoding or a positive value (with `key=`) for sampling."
         )
-    greedy = temp == 0.0
-    if not greedy and key is None:
+    if temp > 0 and key is None and seed is None:
         raise ConfigError(
-            f"sampling with temperature={temperature} needs temperature > 0 and an explicit "
-            "`key=jax.random.key(seed)`; use temperature=0.0 for greedy decoding."
+            f"sampling with temperature={temperature} needs an explicit `key=jax.random.key(s)` "
+            "or `seed=`; use temperature=0.0 for greedy decoding."
         )
-    if top_k is not None and not (0 < int(top_k) <= model.config.vocab_size):
-        raise ConfigError(f"`top_k` must be in [1, {model.config.vocab_size}], got {top_k!r}.")
-    tokens, mask = _left_pad(prompts, pad_id, model.config.vocab_size)
-    batch, prompt_len = tokens.shape
-    lora = check_lora(model, lora, batch)
-    stop = jnp.asarray(_stop_array(stop_tokens, batch))
-    sampling = (
-        jax.random.key(0) if key is None else key,
-        jnp.asarray(max(temp, 1e-6), jnp.float32),
-        jnp.asarray(pad_id, jnp.int32),
-    )
-    graphdef, state = nnx.split(model)
-    static = {"greedy": greedy, "top_k": None if top_k is None else int(top_k)}
+    vocab = model.config.vocab_size
+    if top_k is not None and not (0 < int(top_k) <= vocab):
+        raise ConfigError(f"`top_k` must be in [1, {vocab}], got {top_k!r}.")
+    rows = _check_prompts(prompts, vocab)
+    batch = len(rows)
+    sel = check_lora(model, lora, batch)
+    stops = _stop_lists(stop_tokens, batch)
+    if config is None:
+        config = default_config(rows, max_new_tokens, routing=routing)
+        if sel is None:
+            config = dataclasses.replace(config, slots=0)  # the base model: no LoRA at all
+    widest = max(len(s) for s in stops)
+    if widest > config.stop_width:
+        config = dataclasses.replace(config, stop_width=widest)
+    if isinstance(sel, Routed):
+        ids = np.asarray(sel.ids)
+        bad = ids[(ids < NO_ADAPTER) | (ids >= len(sel.stacked.names))]
+        if bad.size:
+            raise ConfigError(
+                f"slot ids must be in [-1, {len(sel.stacked.names)}) (-1: no adapter); got "
+                f"{sorted(set(bad.tolist()))[:10]}. Build ids with StackedBank.ids(names)."
+            )
+        engine = Engine(model, config, bank=sel.stacked)
+        names = [None if i == NO_ADAPTER else sel.stacked.names[i] for i in ids.tolist()]
+    elif sel is not None:
+        engine = Engine(model, config, lora=sel)
+        names = [None] * batch
+    else:
+        engine = Engine(model, config)
+        names = [None] * batch
+    seeds = _seeds(seed, key, batch)
+    requests = [
+        Request(
+            row,
+            max_new_tokens,
+            adapter=name,
+            sampling=SamplingParams(temp, int(top_k or 0), float(top_p), s),
+            stop_tokens=stop,
+        )
+        for row, name, s, stop in zip(rows, names, seeds, stops, strict=True)
+    ]
     start = time.perf_counter()
-    cache = init_cache(model.config, batch, prompt_len + max_new_tokens, model.dtype)
-    logits, cache = _prefill(
-        graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache, lora, routing
-    )
-    done = jnp.zeros((batch,), bool)
-    out = []
-    for step in range(max_new_tokens - 1):
-        token, done, logits, cache = _decode_step(
-            graphdef, state, logits, cache, done, stop, step, sampling, lora, routing, **static
-        )
-        out.append(token)
-        if (step + 1) % _STOP_CHECK_EVERY == 0 and bool(jnp.all(done)):
-            break
-    if len(out) == max_new_tokens - 1:
-        out.append(_last_token(logits, done, max_new_tokens - 1, sampling, **static))
-    generated = np.asarray(jnp.stack(out, axis=1))
+    results = engine.generate(requests)
     seconds = time.perf_counter() - start
-    generated = np.pad(
-        generated, ((0, 0), (0, max_new_tokens - generated.shape[1])), constant_values=pad_id
-    )
-    return Generation(generated, _lengths(generated, np.asarray(stop)), prompt_len, seconds)
-
-
-def _lengths(generated: np.ndarray, stop: np.ndarray) -> np.ndarray:
-    """Tokens up to and including each row's first stop token (all if none)."""
-    hits = (generated[:, :, None] == stop[:, None, :]).any(-1) & (stop >= 0).any(-1)[:, None]
-    first = np.where(hits.any(1), hits.argmax(1) + 1, generated.shape[1])
-    return first.astype(np.int32)
+    tokens = np.full((batch, max_new_tokens), pad_id, np.int32)
+    logprobs = np.zeros((batch, max_new_tokens), np.float32)
+    for i, r in enumerate(results):
+        tokens[i, : len(r.tokens)] = r.tokens
+        logprobs[i, : len(r.tokens)] = r.logprobs
+    lengths = np.asarray([len(r.tokens) for r in results], np.int32)
+    return Generation(tokens, lengths, max(len(r) for r in rows), seconds, logprobs)

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,7 +36,7 @@ import numpy as np
 
 from .errors import ConfigError, ShapeMismatchError, TargetNotFoundError, format_names
 from .routing import routed_delta
-from .types import NO_ADAPTER, Active, LoraSelection, LoraWeights, Routed, Routing
+from .types import NO_ADAPTER, Active, Dropout, LoraSelection, LoraWeights, Routed, Routing
 
 __all__ = [
     "add_lora",
@@ -45,6 +46,7 @@ __all__ = [
     "check_weights",
     "lora_delta",
     "lora_dense",
+    "lora_input",
 ]
 
 Array = jax.Array
@@ -219,11 +221,70 @@ def lora_delta(x: Array, w: LoraWeights) -> Array:
     return (h @ jnp.asarray(w.b).astype(dtype)) * jnp.asarray(w.scale).astype(dtype)
 
 
+def lora_input(
+    x: Array, dropout: Dropout | None, path: str, index: int, dtype: Any, rate: Array | None = None
+) -> Array:
+    """What the factors of adapter #`index` see at `path`: `x` in `dtype`, with PEFT's dropout
+    when the selection carries a `Dropout` (training; spec SW-TRAIN-3).
+
+    Each element is zeroed with probability `rate` and the others scaled by `1 / (1 - rate)`.
+    The mask comes from `uniform(fold_in(fold_in(key, crc32(path)), index))`: independent per
+    layer and per adapter; with one key per row (`key [batch]`) a row's mask depends on its own
+    key only. `rate` (default `dropout.rate`) is 0-d or one value per row.
+
+    Example:
+        >>> x = jnp.ones((1, 1000))
+        >>> d = Dropout(jax.random.key(0), jnp.asarray(0.5))
+        >>> sorted(set(lora_input(x, d, "l0", 0, jnp.float32)[0].tolist()))
+        [0.0, 2.0]
+    """
+    x = x.astype(dtype)
+    if dropout is None:
+        return x
+    keys = dropout.key
+    if not jnp.issubdtype(_dtype(keys), jax.dtypes.prng_key):
+        raise ConfigError(
+            f"layer {path!r}: the dropout key must be a typed PRNG key (jax.random.key(seed)), "
+            f"got an array of dtype {_dtype(keys)}."
+        )
+    if _shape(keys) not in ((), x.shape[:1]):
+        raise ShapeMismatchError(
+            f"layer {path!r}: the dropout key has shape {_shape(keys)}; give one key, or one per "
+            f"row of the input x{tuple(x.shape)} (shape {x.shape[:1]})."
+        )
+    rate = jnp.asarray(dropout.rate if rate is None else rate, jnp.float32)
+    layer = zlib.crc32(path.encode("utf-8")) & 0x7FFFFFFF
+
+    def uniform(key: Array, shape: tuple[int, ...]) -> Array:
+        key = jax.random.fold_in(jax.random.fold_in(key, layer), index)
+        return jax.random.uniform(key, shape)
+
+    if keys.ndim == 0:
+        u = uniform(keys, x.shape)
+    else:
+        u = jax.vmap(lambda k: uniform(k, x.shape[1:]))(keys)
+    rate = rate.reshape(rate.shape + (1,) * (x.ndim - rate.ndim))
+    keep = jnp.where(rate < 1, 1 / (1 - jnp.where(rate < 1, rate, 0.0)), 0.0)  # rate 1: all 0
+    return x * jnp.where(u >= rate, keep, 0.0).astype(dtype)
+
+
+def _dropout_rate(dropout: Dropout, count: int, what: str) -> Array:
+    """`dropout.rate` checked: 0-d, or one value per adapter / slot (`count`)."""
+    rate = jnp.asarray(dropout.rate)
+    if rate.shape not in ((), (count,)):
+        raise ShapeMismatchError(
+            f"the dropout rate has shape {rate.shape}; give one rate, or one per {what} "
+            f"(shape ({count},))."
+        )
+    return rate
+
+
 def _gated_on(gate: Array) -> bool | None:
     """`True`/`False` for a concrete gate, `None` when it is traced (decided at run time)."""
-    if isinstance(gate, jax.core.Tracer):
+    try:
+        return bool(gate)
+    except jax.errors.ConcretizationTypeError:  # traced under jit
         return None
-    return bool(gate)
 
 
 def add_lora(
@@ -243,7 +304,8 @@ def add_lora(
     cast back to `y`'s dtype once. A gated-off adapter and a mixed-batch row with id -1 leave
     `y` bit-identical. A layer with several input / output feature axes (DenseGeneral,
     LinearGeneral) is adapted as the 2-D layer `[prod(in), prod(out)]`: give `in_ndim` /
-    `out_ndim` (spec SW-FLAX-2).
+    `out_ndim` (spec SW-FLAX-2). A selection that carries a `Dropout` (training) applies it to
+    the factors' input only (`lora_input`); `y` is never touched by it (SW-TRAIN-3).
 
     Arguments:
         y: the base output `[..., *out]`.
@@ -276,7 +338,13 @@ def add_lora(
                 f"{where}: Routed ids have shape {_shape(ids)} but the input has {x.shape[0]} "
                 f"rows (x{tuple(x.shape)}); give one slot id per row (stacked.route(names))."
             )
-        delta = routed_delta(x2, weights[0][1], ids, routing=routing).reshape(y.shape)
+        xr = x2
+        if lora.dropout is not None:
+            st = weights[0][1]
+            rate = _dropout_rate(lora.dropout, st.a.shape[0], "slot")
+            rows = rate if rate.ndim == 0 else rate[jnp.maximum(ids, 0)]
+            xr = lora_input(x2, lora.dropout, path, 0, jnp.result_type(x2, st.a), rows)
+        delta = routed_delta(xr, weights[0][1], ids, routing=routing).reshape(y.shape)
         acc = (y.astype(jnp.result_type(y.dtype, delta.dtype)) + delta).astype(y.dtype)
         none = (ids == NO_ADAPTER).reshape(ids.shape + (1,) * (y.ndim - 1))
         return jnp.where(none, y, acc)
@@ -285,7 +353,12 @@ def add_lora(
         check_weights(w, where=f"active adapter #{i}, {where}", features=features)
         on = _gated_on(lora.gate[i])
         if on is not False:
-            live.append((on, lora.gate[i], lora_delta(x2, w).reshape(y.shape)))
+            xi = x2
+            if lora.dropout is not None:
+                rate = _dropout_rate(lora.dropout, len(lora.adapters), "active adapter")
+                rate = rate if rate.ndim == 0 else rate[i]
+                xi = lora_input(x2, lora.dropout, path, i, jnp.result_type(x2, w.a), rate)
+            live.append((on, lora.gate[i], lora_delta(xi, w).reshape(y.shape)))
     if not live:
         return y
     acc = y.astype(jnp.result_type(y.dtype, *(d.dtype for _, _, d in live)))

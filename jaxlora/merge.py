@@ -21,12 +21,14 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
-import jax
 import jax.numpy as jnp
+from jax.core import Tracer
 
 from .bank import AdapterBank
 from .errors import ConfigError, NonFiniteError, ShapeMismatchError, format_names
@@ -45,7 +47,7 @@ Adapters = Adapter | Sequence[Adapter] | Mapping[str, Adapter] | Active
 _Entry = tuple[str, Adapter, Any]
 
 
-def _is_adapter(value: Any) -> bool:
+def _is_adapter(value: Any) -> TypeGuard[Adapter]:
     return isinstance(value, Mapping) and all(isinstance(w, LoraWeights) for w in value.values())
 
 
@@ -65,8 +67,9 @@ def _entries(adapters: Adapters) -> list[_Entry]:
         if _is_adapter(adapters):
             return [("the adapter", adapters, None)]
         values = list(adapters.values())
-        if all(_is_adapter(v) for v in values):  # a bank or `name -> adapter` dict
-            return [(f"adapter {n!r}", adapters[n], None) for n in adapters]
+        named = [(f"adapter {n!r}", v, None) for n, v in adapters.items() if _is_adapter(v)]
+        if len(named) == len(values):  # a bank or `name -> adapter` dict
+            return named
         raise ConfigError(
             "expected an adapter (`layer path -> LoraWeights`), a sequence of adapters or a "
             f"mapping `name -> adapter`; got a mapping with values of types "
@@ -128,7 +131,7 @@ def _fit(kernel_shape: tuple[int, ...], w: LoraWeights, where: str) -> None:
 
 
 def _traced(*arrays: Any) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in arrays)
+    return any(isinstance(x, Tracer) for x in arrays)
 
 
 def _deltas(
@@ -205,9 +208,9 @@ def merge(
 
     Arguments:
         params: any model form of `jaxlora.params`: a `DenseChain`, an NNX module (a new module
-            of the same class comes back), an `nnx.State`, Linen params or variables, a nested
-            tree. A kernel `[in..., out...]` takes the delta reshaped from
-            `[prod(in), prod(out)]` (SW-MERGE-6).
+            of the same class comes back; jaxlora's Llama by its `lora_path`s), an `nnx.State`,
+            Linen params or variables, a nested tree. A kernel `[in..., out...]` takes the
+            delta reshaped from `[prod(in), prod(out)]` (SW-MERGE-6).
         adapters: one adapter, a sequence (deltas summed), a mapping `name -> adapter` (e.g. an
             `AdapterBank`; errors then name the adapter) or `jaxlora.select(bank, [...])`
             (adapters gated off contribute nothing, SW-MERGE-9).
@@ -221,14 +224,10 @@ def merge(
         The merged model, of the kind given; `params` itself is unchanged (SW-MERGE-2).
 
     Example:
-        >>> from jaxlora.models import Llama, LlamaConfig
-        >>> model = Llama.random(LlamaConfig(64, 16, 32, 1, 2, 1, 8))
-        >>> path = "model.layers.0.self_attn.q_proj"
-        >>> w = LoraWeights(jnp.ones((16, 1)), jnp.ones((1, 16)), jnp.asarray(1.0))
-        >>> merged = merge(model, {path: w})
-        >>> type(merged).__name__, float(merged.layers[0].q_proj.kernel[...][0, 0]
-        ...     - model.layers[0].q_proj.kernel[...][0, 0])
-        ('Llama', 1.0)
+        >>> params = {"layers": [{"kernel": jnp.zeros((2, 3))}, {"kernel": jnp.zeros((3, 3))}]}
+        >>> w = LoraWeights(jnp.ones((2, 1)), jnp.ones((1, 3)), jnp.asarray(2.0))
+        >>> merge(params, {"layers.0": w})["layers"][0]["kernel"].tolist()
+        [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
     """
     return _apply(params, _deltas(find_kernels(params), _entries(adapters), key_map, safe), 1)
 
@@ -318,11 +317,18 @@ def combine(
                     f"{ranks}. Use method='cat' (exact) or 'svd'."
                 )
             # Python floats are weakly typed: the factors keep the adapters' dtype
-            a = sum(math.copysign(math.sqrt(abs(c)), c) * w.a.astype(dtype) for _, c, w in parts)
-            b = sum(math.sqrt(abs(c)) * w.b.astype(dtype) for _, c, w in parts)
+            a = functools.reduce(
+                operator.add,
+                [math.copysign(math.sqrt(abs(c)), c) * w.a.astype(dtype) for _, c, w in parts],
+            )
+            b = functools.reduce(
+                operator.add, [math.sqrt(abs(c)) * w.b.astype(dtype) for _, c, w in parts]
+            )
         else:
             wide = jnp.result_type(dtype, jnp.float32)  # SVD in at least float32
-            delta = sum(c * (w.a.astype(wide) @ w.b.astype(wide)) for _, c, w in parts)
+            delta = functools.reduce(
+                operator.add, [c * (w.a.astype(wide) @ w.b.astype(wide)) for _, c, w in parts]
+            )
             k = svd_rank if svd_rank is not None else max(w.rank for _, _, w in parts)
             k = min(k, *delta.shape)
             u, s, vt = jnp.linalg.svd(delta, full_matrices=False)

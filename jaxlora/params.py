@@ -1,22 +1,22 @@
 """Find and replace the kernels of a model's linear layers by dotted layer path.
 
-One lookup serves every model form `jaxlora.merge` takes (spec SW-MERGE-5):
+One lookup serves every model form `jaxlora.merge` takes (spec SW-MERGE-5), without knowing any
+framework: it walks JAX pytrees.
 
-- an object with `lora_kernels()` (`path -> kernel`) and `replace_kernels(kernels)` (a new
-  object), the [`KernelHolder`][] protocol, such as `jaxlora.DenseChain`: the model names its
-  own layers;
-- a Flax NNX module: the dotted attribute path of each module holding a `kernel` variable, as
-  `nnx.iter_modules` gives it (`layers.0`, `blocks.0.attn.query`, like
-  `jaxlora.flax.nnx.layer_shapes`), except that a module with a string attribute `lora_path`
-  (jaxlora's Llama projections: `model.layers.0.self_attn.q_proj`) is named by it instead;
-  a new module is returned (`nnx.split`, new state, `nnx.merge`), with its own variables;
-- any other pytree (an `nnx.State`, Linen params, nested dicts / lists / tuples / dataclasses):
-  every leaf under the key `kernel` (an NNX variable's value included) is the kernel of the
-  layer at the path of its parent, integer keys written as digits (`blocks.0.q`). Linen
-  `variables` (a mapping with a `params` collection) are looked up inside `params`
+- An object with `lora_kernels()` (`path -> kernel`) and `replace_kernels(kernels)` (a new
+  object), the [`KernelHolder`][] protocol (e.g. `jaxlora.DenseChain`), names its own layers.
+- In any other pytree (Flax NNX modules, which are pytrees, an `nnx.State`, Linen params,
+  nested dicts / lists / tuples / dataclasses) every leaf under the key `kernel` (an NNX
+  variable's value included) is the kernel of the layer at the dotted path of its parent,
+  integer keys written as digits: `layers.0`, `blocks.0.attn.query`, the attribute paths
+  `jaxlora.flax.nnx.layer_shapes` reports.
+- A node with a string attribute `lora_path` (jaxlora's Llama projections) declares the path of
+  its own `kernel` (`model.layers.0.self_attn.q_proj`); its attribute path is not used.
+- Linen `variables` (a mapping with a `params` collection) are looked up inside `params`
   (`layers_0`, as `jaxlora.flax.linen.layer_shapes` names it); the other collections are kept.
 
-Everything is functional: `with_kernels` returns a new tree and shares unchanged leaves.
+Everything is functional: `with_kernels` rebuilds the tree (a new NNX module of the same class,
+with its own variables) and shares unchanged arrays.
 
 Example:
     >>> import jax.numpy as jnp
@@ -31,7 +31,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -66,74 +65,88 @@ class _View:
     build: Callable[[Mapping[str, Any]], Any]
 
 
-def _key(entry: Any) -> str:
-    """A pytree key path entry as a path part: dict key, sequence index or attribute name."""
-    for field in ("key", "idx", "name"):
-        if hasattr(entry, field):
-            return str(getattr(entry, field))
-    return str(entry)
+def _declares_path(node: Any) -> bool:
+    return isinstance(getattr(node, "lora_path", None), str)
+
+
+def _keys(key_path: tuple) -> list[str]:
+    """A pytree key path as path parts; the `.value` of an NNX variable (or Linen box) dropped."""
+    keys = [
+        str(next((getattr(k, f) for f in ("key", "idx", "name") if hasattr(k, f)), k))
+        for k in key_path
+    ]
+    if len(keys) > 1 and keys[-1] == "value" and isinstance(key_path[-1], jax.tree_util.GetAttrKey):
+        keys.pop()
+    return keys
 
 
 def _is_linen_variables(tree: Any) -> bool:
+    """Linen `variables`: a dict (or Flax's FrozenDict; not an `nnx.State`, whose keys are
+    attribute names) with a `params` collection."""
     return (
-        isinstance(tree, Mapping)
+        (isinstance(tree, dict) or type(tree).__name__ == "FrozenDict")
         and "kernel" not in tree
         and isinstance(tree.get("params"), Mapping)
     )
 
 
-def _tree_view(tree: Any, names: Mapping[str, str] | None = None) -> _View:
-    """Kernels of a pytree: leaves keyed `kernel` (NNX: `kernel.value`); `names` renames."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    skip = 1 if _is_linen_variables(tree) else 0  # the `params` collection of Linen variables
-    index: dict[str, int] = {}
-    for i, (key_path, _) in enumerate(flat):
-        keys = [_key(k) for k in key_path]
-        if (
-            len(keys) > 1
-            and keys[-1] == "value"
-            and isinstance(key_path[-1], jax.tree_util.GetAttrKey)
-        ):
-            keys.pop()  # an NNX variable (or a Linen box) holding the array
-        if not keys or keys[-1] != "kernel" or (skip and keys[0] != "params"):
-            continue
-        path = ".".join(keys[skip:-1])
-        path = (names or {}).get(path, path)
-        if path in index:
+def _own_kernel(node: Any) -> tuple[int, list, Any] | None:
+    """`(index of its `kernel` leaf, leaves, treedef)` of a node that declares `lora_path`."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(node)
+    for j, (key_path, _) in enumerate(flat):
+        if _keys(key_path) == ["kernel"]:
+            return j, [leaf for _, leaf in flat], treedef
+    return None
+
+
+def _tree_view(tree: Any) -> _View:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_declares_path)
+    if len(flat) == 1 and flat[0][1] is tree and not hasattr(tree, "shape"):
+        raise ConfigError(
+            f"a {type(tree).__name__} is not a parameter tree (not a JAX pytree, and no "
+            "lora_kernels() / replace_kernels()). Give its parameters as a pytree; for an NNX "
+            "module with pytree=False: graphdef, state = nnx.split(model), merge the state, "
+            "then nnx.merge(graphdef, merged_state)."
+        )
+    skip = int(_is_linen_variables(tree))  # paths inside the `params` collection
+    leaves = [leaf for _, leaf in flat]
+    where: dict[str, tuple[int, Any]] = {}  # path -> (leaf index, the node's own kernel or None)
+    kernels: dict[str, Any] = {}
+    for i, (key_path, leaf) in enumerate(flat):
+        if _declares_path(leaf):
+            own = _own_kernel(leaf)
+            if own is None:
+                continue
+            path, kernel = leaf.lora_path, own[1][own[0]]
+        else:
+            keys = _keys(key_path)
+            if not keys or keys[-1] != "kernel" or (skip and keys[0] != "params"):
+                continue
+            path, kernel, own = ".".join(keys[skip:-1]), leaf, None
+        if path in kernels:
             raise ConfigError(
                 f"two kernels of the parameter tree have the path {path!r} (a key containing "
-                "'.' or a `lora_path` that repeats another layer's path); rename one of them."
+                "'.', or a `lora_path` that repeats another layer's path); rename one of them."
             )
-        index[path] = i
-    leaves = [leaf for _, leaf in flat]
+        where[path], kernels[path] = (i, own), kernel
 
     def build(new: Mapping[str, Any]) -> Any:
         out = list(leaves)
         for path, kernel in new.items():
-            out[index[path]] = kernel
+            i, own = where[path]
+            if own is None:
+                out[i] = kernel
+            else:
+                j, inner, inner_def = own
+                out[i] = inner_def.unflatten([kernel if k == j else x for k, x in enumerate(inner)])
         return treedef.unflatten(out)
 
-    return _View({p: leaves[i] for p, i in index.items()}, build)
-
-
-def _nnx_view(model: Any, nnx: Any) -> _View:
-    graphdef, state = nnx.split(model)
-    names = {
-        ".".join(str(p) for p in path): module.lora_path
-        for path, module in nnx.iter_modules(model)
-        if isinstance(getattr(module, "lora_path", None), str)
-    }
-    view = _tree_view(state, names)
-    return _View(view.kernels, lambda new: nnx.merge(graphdef, view.build(new)))
+    return _View(kernels, build)
 
 
 def _view(params: Any) -> _View:
     if isinstance(params, KernelHolder):
         return _View(dict(params.lora_kernels()), params.replace_kernels)
-    # only an imported flax.nnx can have made an NNX module: no import needed to test for one
-    nnx = sys.modules.get("flax.nnx")
-    if nnx is not None and isinstance(params, nnx.Module):
-        return _nnx_view(params, nnx)
     return _tree_view(params)
 
 
@@ -171,7 +184,9 @@ def get_kernel(params: Any, path: str) -> Array:
 def with_kernels(params: Any, kernels: Mapping[str, Array]) -> Any:
     """A new model of the same kind with the kernels at `kernels`' paths replaced.
 
-    Every path and shape is checked before anything is built; the input is not modified.
+    Every path and shape is checked before anything is built; the input is not modified. A
+    kernel that is the very same array at two paths (an NNX module reachable under two
+    attribute paths) must be replaced at both or neither: a pytree cannot keep them shared.
     """
     view = _view(params)
     for path, kernel in kernels.items():
@@ -183,4 +198,12 @@ def with_kernels(params: Any, kernels: Mapping[str, Array]) -> Any:
                 f"layer {path!r}: the new kernel is {new} but the model's is {old}; a "
                 "replacement keeps the shape."
             )
+        for other, array in view.kernels.items():
+            if array is view.kernels[path] and other != path and kernels.get(other) is not kernel:
+                raise ConfigError(
+                    f"layers {path!r} and {other!r} share one kernel (one module under two "
+                    "paths); changing one would untie them. Change both the same way, or merge "
+                    "into the NNX state, which keeps the sharing: graphdef, state = "
+                    "nnx.split(model); nnx.merge(graphdef, jaxlora.merge(state, adapter))."
+                )
     return view.build(kernels)

@@ -20,8 +20,11 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 __all__ = [
     "TOLERANCE",
@@ -54,7 +57,7 @@ def scale(alpha: float, r: int, use_rslora: bool = False) -> float:
     return alpha / r
 
 
-def resolve(pattern: Mapping[str, object], path: str, default: object) -> object:
+def resolve(pattern: Mapping[str, T], path: str, default: T) -> T:
     """SW-SCALE-3: the value of the first key whose `(.*\\.)?(key)$` re.match-es the path."""
     for key in pattern:
         if re.match(r"(.*\.)?(" + key + r")$", path) is not None:
@@ -205,7 +208,7 @@ def combine_linear(adapters: Sequence[RefAdapter], weights: Sequence[float]) -> 
     """SW-COMBINE-2 (raises ValueError on unequal ranks)."""
     out = {}
     for path in _paths_in_order(adapters):
-        ranks = {ad.terms(path)[0].shape[1] for ad in adapters if path in ad.weights}
+        ranks = {ad.weights[path][0].shape[1] for ad in adapters if path in ad.weights}
         if len(ranks) > 1:
             raise ValueError(f"linear needs equal ranks at {path}: {sorted(ranks)}")
         a_new = b_new = None
@@ -236,6 +239,7 @@ def combine_svd(
                 ranks.append(t[0].shape[1])
                 term = wt * t[2] * (t[0] @ t[1])
                 d = term if d is None else d + term
+        assert d is not None  # _paths_in_order lists only paths some adapter targets
         k = min(rank if rank is not None else max(ranks), *d.shape)
         u, s, vt = np.linalg.svd(d, full_matrices=False)
         out[path] = (u[:, :k] * s[:k], vt[:k])

@@ -6,6 +6,7 @@
   gate (`True`: applied; `False`: contributes exactly nothing, SW-ACTIVE-4).
 - `Routed`: a mixed batch, row `i` uses slot `ids[i]` of a `StackedBank` (`NO_ADAPTER`: none).
 - `StackedBank`: slot-major arrays of a conformed bank.
+- `Dropout(key, rate)`: dropout on the LoRA input, carried by a selection in training only.
 
 Every integration takes one of these through the keyword `lora=` (or `None`: the base model
 with no LoRA computation at all) and the mixed-batch kernel through `routing=`.
@@ -37,6 +38,7 @@ __all__ = [
     "NO_ADAPTER",
     "Active",
     "Adapter",
+    "Dropout",
     "LoraSelection",
     "LoraWeights",
     "Routed",
@@ -98,6 +100,39 @@ Adapter: TypeAlias = Mapping[str, LoraWeights]
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class Dropout:
+    """Dropout on the input of the LoRA factors, PEFT's `lora_B(lora_A(dropout(x)))` (training).
+
+    A selection carries it in training only (`jaxlora.train.dropout`); without it a forward is
+    the inference forward, where dropout is the identity (spec SW-TRAIN-3). `jaxlora.lora.add_lora`
+    draws the masks.
+
+    Arguments:
+        key: a typed PRNG key (`jax.random.key`), or one per batch row (`[batch]`): a row's
+            masks then depend only on its own key, not on the rest of the batch.
+        rate: the drop probability: a 0-d float array, or one per adapter of an `Active` /
+            one per slot of a `Routed`'s stacked bank.
+
+    Example:
+        >>> import jax
+        >>> Dropout(jax.random.key(0), jnp.asarray(0.1)).rate.shape
+        ()
+    """
+
+    key: Array
+    rate: Array
+
+
+def _concrete(x: Array) -> object:
+    """`x` as a list for reprs, or `"traced"` under `jit`."""
+    try:
+        return np.asarray(x).tolist()
+    except jax.errors.TracerArrayConversionError:
+        return "traced"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class Active:
     """The adapters applied to every row of a batch, in order, each behind a gate.
 
@@ -109,6 +144,7 @@ class Active:
     Arguments:
         adapters: one `path -> LoraWeights` mapping per active adapter.
         gate: `[len(adapters)]` bool.
+        dropout: `Dropout` on the LoRA input (training), or None (inference).
 
     Example:
         >>> import jax.numpy as jnp
@@ -120,6 +156,7 @@ class Active:
 
     adapters: tuple[dict[str, LoraWeights], ...]
     gate: Array
+    dropout: Dropout | None = None
 
     @classmethod
     def of(cls, *adapters: Adapter, gate: Sequence[bool] | None = None) -> Active:
@@ -132,11 +169,10 @@ class Active:
         return {p for ad in self.adapters for p in ad}
 
     def __repr__(self) -> str:
-        gate = (
-            "traced" if isinstance(self.gate, jax.core.Tracer) else np.asarray(self.gate).tolist()
-        )
+        gate = _concrete(self.gate)
         layers = [len(ad) for ad in self.adapters]
-        return f"Active(adapters={len(self.adapters)}, layers={layers}, gate={gate})"
+        extra = "" if self.dropout is None else ", dropout=on"
+        return f"Active(adapters={len(self.adapters)}, layers={layers}, gate={gate}{extra})"
 
 
 @jax.tree_util.register_dataclass
@@ -189,6 +225,8 @@ class StackedBank:
 class Routed:
     """A mixed batch: row `i` uses slot `ids[i]` of `stacked` (`NO_ADAPTER`: the base model).
 
+    `dropout`: a `Dropout` on the LoRA input (training), or None (inference).
+
     Example:
         >>> Routed(StackedBank({}, ()), jnp.asarray([-1])).ids.tolist()
         [-1]
@@ -196,14 +234,16 @@ class Routed:
 
     stacked: StackedBank
     ids: Array
+    dropout: Dropout | None = None
 
     def paths(self) -> set[str]:
         """Every layer path the stacked bank targets."""
         return set(self.stacked.weights)
 
     def __repr__(self) -> str:
-        ids = "traced" if isinstance(self.ids, jax.core.Tracer) else np.asarray(self.ids).tolist()
-        return f"Routed({self.stacked!r}, ids={ids})"
+        ids = _concrete(self.ids)
+        extra = "" if self.dropout is None else ", dropout=on"
+        return f"Routed({self.stacked!r}, ids={ids}{extra})"
 
 
 #: What `lora=` accepts: a selection, one adapter, or `None` (the base model, no LoRA code).

@@ -103,8 +103,10 @@ def match_targets(
 class LoraConfig:
     """LoRA hyper-parameters under PEFT's field names.
 
-    Only fields that change inference are honoured; `lora_dropout` is accepted for PEFT
-    compatibility and is the identity at inference (spec SW-FORWARD-1).
+    Only fields that change inference are honoured at inference; `lora_dropout` (in `[0, 1)`)
+    is the identity there (spec SW-FORWARD-1) and is applied by `jaxlora.train` in training
+    (SW-TRAIN-3). `init_lora_weights` is PEFT's: `True` (A Kaiming-uniform, B zero),
+    `"gaussian"` (A normal with std `1/r`, B zero) or `False` (both random) (SW-TRAIN-2).
 
     Example:
         >>> cfg = LoraConfig(r=8, lora_alpha=16, rank_pattern={"v": 4})
@@ -120,7 +122,7 @@ class LoraConfig:
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     lora_dropout: float = 0.0
-    init_lora_weights: bool = True
+    init_lora_weights: bool | str = True
     bias: str = "none"
     use_dora: bool = False
     lora_bias: bool = False
@@ -157,6 +159,16 @@ class LoraConfig:
             _check_module_names(field_name, value)
             if isinstance(value, str) and value != "all-linear":
                 _check_regex(field_name, value)
+        if not isinstance(self.init_lora_weights, bool) and self.init_lora_weights != "gaussian":
+            raise ConfigError(
+                f"LoraConfig: `init_lora_weights` must be True, False or 'gaussian', got "
+                f"{self.init_lora_weights!r} (PEFT's other schemes change the base weights)."
+            )
+        if not _is_finite_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+            raise ConfigError(
+                f"LoraConfig: `lora_dropout` must be a probability in [0, 1), got "
+                f"{self.lora_dropout!r}."
+            )
         refused = {
             "use_dora": self.use_dora,
             "lora_bias": self.lora_bias,
@@ -203,7 +215,8 @@ MAX_PATTERN_LENGTH = 1000
 def _repeats_nest(items: Any, inside: bool = False) -> bool:
     """Whether a parsed regex has a repeat inside a repeat, or alternatives inside a repeat:
     the shapes (`(a+)+`, `(a|aa)*`) whose backtracking takes exponential time."""
-    from re import _constants as c  # CPython's regex parser (3.11+)
+    # CPython's own regex parser (3.11+): the only parser that reads a pattern exactly as `re`.
+    from re import _constants as c  # pyright: ignore[reportAttributeAccessIssue]
 
     for op, av in items:
         if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
@@ -226,7 +239,7 @@ def _repeats_nest(items: Any, inside: bool = False) -> bool:
 
 def _check_regex(what: str, pattern: str) -> None:
     """A valid regex that cannot backtrack exponentially (spec SW-SAFE-1, SW-CONFIG-1)."""
-    from re import _parser
+    from re import _parser  # pyright: ignore[reportAttributeAccessIssue] (see _repeats_nest)
 
     if len(pattern) > MAX_PATTERN_LENGTH:
         raise ConfigError(
@@ -308,8 +321,10 @@ def init_adapter(
 ) -> dict[str, LoraWeights]:
     """A fresh adapter for the layers of `layer_shapes` (`path -> (in, out)`) that `config` targets.
 
-    `a` is Kaiming-uniform like PEFT's; `b` is zero when `config.init_lora_weights` is true (a
-    fresh adapter is then a no-op) and small random otherwise.
+    `a` is PEFT's `kaiming_uniform_(a=sqrt(5))` of its `[r, in]` weight, i.e. uniform in
+    `±1/sqrt(in)` (`init_lora_weights="gaussian"`: normal with std `1/r`); `b` is zero when
+    `config.init_lora_weights` is true or "gaussian" (a fresh adapter is then a no-op) and small
+    random when it is False (spec SW-TRAIN-2).
 
     Example:
         >>> import jax
@@ -329,7 +344,10 @@ def init_adapter(
         r = config.rank_for(path)
         ka, kb = jax.random.split(jax.random.fold_in(key, i))
         bound = 1.0 / math.sqrt(d_in)
-        a = jax.random.uniform(ka, (d_in, r), dtype, -bound, bound)
+        if config.init_lora_weights == "gaussian":
+            a = jax.random.normal(ka, (d_in, r), dtype) / r
+        else:
+            a = jax.random.uniform(ka, (d_in, r), dtype, -bound, bound)
         if config.init_lora_weights:
             b = jnp.zeros((r, d_out), dtype)
         else:

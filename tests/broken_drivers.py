@@ -1,37 +1,140 @@
 """Deliberately broken drivers: each must be caught by the conformance suite, with its clause.
 
 Used by `tests/test_conformance_broken.py`. Each class breaks one rule of `specs/switching.md`
-the way real implementations have (see PEFT-NOTES.md's pain points); `CAUGHT_BY` maps each
-to the clause the report must name.
+the way real LoRA libraries have (wrong scales, pattern keys matched as plain suffixes, a target
+regex that only has to match a prefix, names with dots refused, leaking or stale active
+adapters, ...); `CAUGHT_BY` maps each to the clause the report must name. They derive from the
+NumPy `ReferenceDriver`, so they are cheap and independent of jaxlora.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
-import jax.numpy as jnp
 import numpy as np
 
-from conformance.drivers.jaxlora_driver import JaxLoraDriver
 from conformance.drivers.reference import ReferenceDriver
 from jaxlora import reference
+from jaxlora.reference import RefAdapter
 
 
-class ScaleIgnoredDriver(JaxLoraDriver):
+def _as(adapter: RefAdapter, cls: type[RefAdapter], **changes) -> RefAdapter:
+    """`adapter` as an instance of the `RefAdapter` subclass `cls` (its own scaling rules)."""
+    fields = {f.name: getattr(adapter, f.name) for f in dataclasses.fields(RefAdapter)}
+    return cls(**{**fields, **changes})
+
+
+class _Rebuilt(ReferenceDriver):
+    """Stores every added adapter as `adapter_class` (with `changes`)."""
+
+    adapter_class: type[RefAdapter] = RefAdapter
+    changes: tuple[tuple[str, object], ...] = ()
+
+    def add_adapter(self, name, adapter):
+        super().add_adapter(name, adapter)
+        self._adapters[name] = _as(self._adapters[name], self.adapter_class, **dict(self.changes))
+
+
+class ScaleIgnoredDriver(_Rebuilt):
     """Applies `A B` without the alpha / r scale."""
 
-    def _to_adapter(self, name, adapter):
-        weights = super()._to_adapter(name, adapter)
-        return {
-            p: dataclasses.replace(w, scale=jnp.ones((), jnp.float32)) for p, w in weights.items()
-        }
+    changes = (("fixed_scale", 1.0),)
 
 
-class RsloraIgnoredDriver(JaxLoraDriver):
+class RsloraIgnoredDriver(_Rebuilt):
     """Uses alpha / r even when `use_rslora` asks for alpha / sqrt(r)."""
 
-    def _to_adapter(self, name, adapter):
-        return super()._to_adapter(name, dataclasses.replace(adapter, use_rslora=False))
+    changes = (("use_rslora", False),)
+
+
+class _EndswithKeys(RefAdapter):
+    def rank_at(self, path):
+        return int(next((v for k, v in self.rank_pattern.items() if path.endswith(k)), self.r))
+
+    def scale_at(self, path):
+        if self.fixed_scale is not None:
+            return self.fixed_scale
+        alpha = next((v for k, v in self.alpha_pattern.items() if path.endswith(k)), None)
+        return reference.scale(alpha or self.lora_alpha, self.rank_at(path), self.use_rslora)
+
+
+class PatternEndswithDriver(_Rebuilt):
+    """Matches rank/alpha pattern keys as plain string suffixes (`1.q` hits `layers.11.q`)."""
+
+    adapter_class = _EndswithKeys
+
+
+class _LastKeyWins(RefAdapter):
+    def rank_at(self, path):
+        return int(reference.resolve(dict(reversed(self.rank_pattern.items())), path, self.r))
+
+    def scale_at(self, path):
+        if self.fixed_scale is not None:
+            return self.fixed_scale
+        alphas = dict(reversed(self.alpha_pattern.items()))
+        alpha = float(reference.resolve(alphas, path, self.lora_alpha))
+        return reference.scale(alpha, self.rank_at(path), self.use_rslora)
+
+
+class PatternLastMatchDriver(_Rebuilt):
+    """When several pattern keys match a path, takes the last one instead of the first."""
+
+    adapter_class = _LastKeyWins
+
+
+class _GlobalRankRslora(RefAdapter):
+    def scale_at(self, path):
+        if self.fixed_scale is not None or not self.use_rslora:
+            return super().scale_at(path)
+        alpha = float(reference.resolve(self.alpha_pattern, path, self.lora_alpha))
+        return reference.scale(alpha, self.r, True)
+
+
+class RsloraGlobalRankDriver(_Rebuilt):
+    """rsLoRA scale computed with the config's `r`, not the layer's rank from `rank_pattern`."""
+
+    adapter_class = _GlobalRankRslora
+
+
+class TargetPrefixRegexDriver(ReferenceDriver):
+    """A `target_modules` string only has to `re.match` (a prefix), not match the whole path."""
+
+    def select_targets(self, paths, target_modules, exclude_modules=None):
+        if isinstance(target_modules, str) and target_modules != "all-linear":
+            return [p for p in paths if re.match(target_modules, p)] or super().select_targets(
+                paths, target_modules, exclude_modules
+            )
+        return super().select_targets(paths, target_modules, exclude_modules)
+
+
+class TargetSuffixNoDotDriver(ReferenceDriver):
+    """A `target_modules` name targets every path that ends with it (`1.q` hits `layers.11.q`)."""
+
+    def select_targets(self, paths, target_modules, exclude_modules=None):
+        if isinstance(target_modules, list):
+            found = [p for p in paths if any(p.endswith(n) for n in target_modules)]
+            excluded = set(reference.targets(exclude_modules, paths)) if exclude_modules else set()
+            found = [p for p in found if p not in excluded]
+            if found:
+                return found
+        return super().select_targets(paths, target_modules, exclude_modules)
+
+
+class DottedNamesRefusedDriver(ReferenceDriver):
+    """Refuses adapter names with a dot (a library that uses names as module attribute keys)."""
+
+    def add_adapter(self, name, adapter):
+        if "." in name:
+            raise KeyError(f'module name can\'t contain ".", got: {name}')
+        super().add_adapter(name, adapter)
+
+
+class LastLayerTanhDriver(ReferenceDriver):
+    """Applies `tanh` after the last layer too."""
+
+    def forward(self, x):
+        return np.tanh(super().forward(x))
 
 
 class LeakyActiveDriver(ReferenceDriver):
@@ -68,7 +171,7 @@ class UnknownIsBaseDriver(ReferenceDriver):
             self._active = ()
 
 
-class SwappedRowsDriver(JaxLoraDriver):
+class SwappedRowsDriver(ReferenceDriver):
     """Returns rows 0 and 1 of a mixed batch swapped."""
 
     def forward_mixed(self, x, rows):
@@ -77,6 +180,14 @@ class SwappedRowsDriver(JaxLoraDriver):
             y = y.copy()
             y[[0, 1]] = y[[1, 0]]
         return y
+
+
+class MixedNoneIsFirstDriver(ReferenceDriver):
+    """Routes "no adapter" rows of a mixed batch to the first adapter added."""
+
+    def forward_mixed(self, x, rows):
+        first = next(iter(self._adapters), None)
+        return super().forward_mixed(x, [first if r is None else r for r in rows])
 
 
 class MutatingMergeDriver(ReferenceDriver):
@@ -121,15 +232,34 @@ class StaleDeleteDriver(ReferenceDriver):
         return reference.chain_forward(self._layers, x, active, self._dtype)
 
 
+class SvdMinRankDriver(ReferenceDriver):
+    """`svd` without a target rank keeps the smallest input rank instead of the largest."""
+
+    def combine(self, new_name, names, weights, method, svd_rank=None):
+        if method == "svd" and svd_rank is None:
+            ads = [self._adapters[n] for n in names]
+            svd_rank = min(a.shape[1] for ad in ads for a, _ in ad.weights.values())
+        super().combine(new_name, names, weights, method, svd_rank)
+
+
 #: broken driver -> the clause whose check must fail
 CAUGHT_BY = {
     ScaleIgnoredDriver: "SW-SCALE-1",
     RsloraIgnoredDriver: "SW-SCALE-2",
+    PatternEndswithDriver: "SW-SCALE-3",
+    PatternLastMatchDriver: "SW-SCALE-3",
+    RsloraGlobalRankDriver: "SW-SCALE-3",
+    TargetPrefixRegexDriver: "SW-TARGET-1",
+    TargetSuffixNoDotDriver: "SW-TARGET-1",
+    DottedNamesRefusedDriver: "SW-BANK-1",
+    LastLayerTanhDriver: "SW-MODEL-1",
     LeakyActiveDriver: "SW-HISTORY-1",
     UnknownIsBaseDriver: "SW-ACTIVE-3",
     SwappedRowsDriver: "SW-MIXED-1",
+    MixedNoneIsFirstDriver: "SW-MIXED-1",
     MutatingMergeDriver: "SW-MERGE-2",
     StaleDeleteDriver: "SW-BANK-2",
+    SvdMinRankDriver: "SW-COMBINE-3",
 }
 
 __all__ = ["CAUGHT_BY", *(cls.__name__ for cls in CAUGHT_BY)]

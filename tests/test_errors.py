@@ -110,7 +110,8 @@ CASES: list[tuple[type, str, str, Callable[[World], object]]] = [
     (
         errors.ConfigError,
         "SW-ACTIVE-1",
-        r"`active` must be jaxlora.select\(bank, ...\).*got str",
+        r"`lora=` takes jaxlora.select\(bank, names\).*got str \(a name: use "
+        r"jaxlora.select\(bank, 'alpha'\)\)",
         lambda w: jaxlora.forward(w.model, w.x, "alpha"),
     ),
     (
@@ -140,7 +141,8 @@ CASES: list[tuple[type, str, str, Callable[[World], object]]] = [
     (
         errors.ShapeMismatchError,
         "SW-SLOT-3",
-        r"adapter 'new', layer 'head': expected a \[in, r\] and b \[r, out\]",
+        r"adapter 'new', layer 'head': expected a \[in, r\], b \[r, out\], got a\(6, 2\) and "
+        r"b\(1, 3\)",
         lambda w: jaxlora.replace_slot(
             jaxlora.stack(jaxlora.conform(w.bank)),
             0,
@@ -164,20 +166,22 @@ CASES: list[tuple[type, str, str, Callable[[World], object]]] = [
     (
         errors.TargetNotFoundError,
         "SW-TARGET-2",
-        r"'blocks\.9\.q'.*Model layers: 'blocks\.0\.q', 'head'",
-        lambda w: jaxlora.forward(w.model, w.x, (foreign(w),)),
+        r"'blocks\.9\.q'.*Accepted paths: 'blocks\.0\.q', 'head'",
+        lambda w: jaxlora.forward(w.model, w.x, lora=jaxlora.Active.of(foreign(w))),
     ),
     (
         errors.TargetNotFoundError,
         "SW-TARGET-2",
-        r"no dense layer at path 'blocks\.9\.q'.*'blocks\.0\.q', 'head'",
+        r"targets 'blocks\.9\.q', which the model does not have.*Accepted paths: "
+        r"'blocks\.0\.q', 'head'",
         lambda w: jaxlora.merge(w.model, foreign(w)),
     ),
     (
         errors.ShapeMismatchError,
         "SW-TARGET-2",
-        r"layer 'head'.*kernel is \(6, 3\).*a\(4, 1\) b\(1, 3\)",
-        lambda w: jaxlora.forward(w.model, w.x, (wrong_shape(w),)),
+        r"layer 'head': the layer maps \(6, 3\) \(in, out\) but the LoRA weights are a\(4, 1\) "
+        r"b\(1, 3\).*transposed",
+        lambda w: jaxlora.forward(w.model, w.x, lora=wrong_shape(w)),
     ),
     (
         errors.ShapeMismatchError,
@@ -188,15 +192,20 @@ CASES: list[tuple[type, str, str, Callable[[World], object]]] = [
     (
         errors.ShapeMismatchError,
         "SW-TARGET-2",
-        r"stacked bank.*'blocks\.0\.q'.*kernel is \(4, 6\)",
-        lambda w: jaxlora.forward_mixed(w.model, w.x, bad_stack(w), jnp.zeros(2, jnp.int32)),
+        r"stacked bank, layer 'blocks\.0\.q': the layer maps \(4, 6\) \(in, out\) but the LoRA "
+        r"weights are a\(2, 2, 3\)",
+        lambda w: jaxlora.forward(
+            w.model, w.x, lora=jaxlora.Routed(bad_stack(w), jnp.zeros(2, jnp.int32))
+        ),
     ),
     (
         errors.ShapeMismatchError,
         "SW-MIXED-2",
-        r"ids has shape \(3,\) but x has 2 rows",
-        lambda w: jaxlora.forward_mixed(
-            w.model, w.x, jaxlora.stack(jaxlora.conform(w.bank)), jnp.zeros(3, jnp.int32)
+        r"Routed ids have shape \(3,\) but the batch has 2 rows.*stacked\.route\(names\)",
+        lambda w: jaxlora.forward(
+            w.model,
+            w.x,
+            lora=jaxlora.Routed(jaxlora.stack(jaxlora.conform(w.bank)), jnp.zeros(3, jnp.int32)),
         ),
     ),
     (

@@ -98,26 +98,31 @@ def test_layer_shapes_list_every_dense_layer_by_param_path():
 def test_switching_sixteen_adapters_matches_oracle_with_one_trace():
     """SW-FLAX-1, SW-FLAX-2, SW-CONFORM-3: after conform, each of 16 adapters (ranks 1/2/4,
     different targets) and pairs of them match the float64 oracle; the jitted forward is traced
-    once; with no adapter the output is bitwise the model's own."""
+    once; with no adapter (`lora=None`, or `select(bank, None)` in the same trace) the output is
+    bitwise the model's own."""
     chex.clear_trace_counter()
     bank = jaxlora.conform(sixteen_adapter_bank(SHAPES))
     layers = oracle_layers()
 
     @jax.jit
     @chex.assert_max_traces(n=1)
-    def fwd(variables, x, active):
-        return lora_linen.apply(MODEL, variables, x, active=active)
+    def fwd(variables, x, lora):
+        return lora_linen.apply(MODEL, variables, x, lora=lora)
 
-    pair = jax.jit(lambda v, x, act: lora_linen.apply(MODEL, v, x, active=act))
+    pair = jax.jit(lambda v, x, sel: lora_linen.apply(MODEL, v, x, lora=sel))
     for active in [*bank.names, ("ad3", "ad4")]:
         chosen = jaxlora.select(bank, active)
         got = (fwd if isinstance(active, str) else pair)(VARIABLES, X, chosen)
-        want = oracle_forward(np.asarray(X), oracle_dense(layers, chosen), BLOCKS)
+        want = oracle_forward(np.asarray(X), oracle_dense(layers, chosen.adapters), BLOCKS)
         ok, err, allowed = reference.allclose(got, want, "float32")
         assert ok, f"{active}: {err} > {allowed}"
     assert fwd._cache_size() == 1
-    base = jax.jit(lambda v, x: lora_linen.apply(MODEL, v, x, active=()))(VARIABLES, X)
-    assert np.array_equal(base, jax.jit(MODEL.apply)(VARIABLES, X))
+    own = jax.jit(MODEL.apply)(VARIABLES, X)
+    base = jax.jit(lambda v, x: lora_linen.apply(MODEL, v, x, lora=None))(VARIABLES, X)
+    assert np.array_equal(base, own)
+    # select(bank, None): the bank's structure gated off, in the same trace, still bitwise
+    assert np.array_equal(fwd(VARIABLES, X, jaxlora.select(bank, None)), own)
+    assert fwd._cache_size() == 1
 
 
 @pytest.mark.clause("SW-FLAX-4", "SW-MIXED-1")
@@ -133,8 +138,8 @@ def test_mixed_batches_match_oracle_and_ids_do_not_retrace(routing):
     @jax.jit
     @chex.assert_max_traces(n=1)
     def fwd(variables, x, stacked, ids):
-        return lora_linen.apply_mixed(
-            MODEL, variables, x, stacked=stacked, ids=ids, routing=routing
+        return lora_linen.apply(
+            MODEL, variables, x, lora=jaxlora.Routed(stacked, ids), routing=routing
         )
 
     for rows in (
@@ -159,10 +164,10 @@ def test_bad_targets_and_shapes_raise_clear_errors():
     listed and targeting it raises UnsupportedFeatureError."""
     w = jaxlora.LoraWeights(jnp.ones((DIM, 2)), jnp.ones((2, DIM)), jnp.asarray(1.0))
     with pytest.raises(TargetNotFoundError, match=r"'block_0\.attn\.nope'.*'block_0\.attn\.key'"):
-        lora_linen.apply(MODEL, VARIABLES, X, active=({"block_0.attn.nope": w},))
+        lora_linen.apply(MODEL, VARIABLES, X, lora={"block_0.attn.nope": w})
     bad = jaxlora.LoraWeights(jnp.ones((DIM + 1, 2)), jnp.ones((2, OUT)), jnp.asarray(1.0))
-    with pytest.raises(ShapeMismatchError, match=r"'head'.*\(16, 8\).*a\(17, 2\)"):
-        lora_linen.apply(MODEL, VARIABLES, X, active=({"head": bad},))
+    with pytest.raises(ShapeMismatchError, match=r"'head'.*maps \(16, 8\).*a\(17, 2\)"):
+        lora_linen.apply(MODEL, VARIABLES, X, lora={"head": bad})
 
     class Batched(nn.Module):
         @nn.compact
@@ -175,4 +180,4 @@ def test_bad_targets_and_shapes_raise_clear_errors():
     assert lora_linen.dense_layers(Batched(), xb)["bd"].unsupported
     wb = jaxlora.LoraWeights(jnp.ones((3, 1)), jnp.ones((1, 4)), jnp.asarray(1.0))
     with pytest.raises(UnsupportedFeatureError, match=r"'bd'.*batch_dims=\(0,\)"):
-        lora_linen.apply(Batched(), variables, xb, active=({"bd": wb},))
+        lora_linen.apply(Batched(), variables, xb, lora={"bd": wb})

@@ -114,25 +114,30 @@ def test_layer_shapes_list_every_linear_by_attribute_path():
 def test_switching_sixteen_adapters_matches_oracle_with_one_trace():
     """SW-FLAX-1, SW-FLAX-2, SW-CONFORM-3: after conform, each of 16 adapters matches the float64
     oracle through one jitted forward (one trace); the caller's model is not modified; no
-    adapter gives bitwise the model's own output."""
+    adapter (`lora=None`, or `select(bank, None)` in the same trace) gives bitwise the model's
+    own output."""
     chex.clear_trace_counter()
     bank = jaxlora.conform(sixteen_adapter_bank(SHAPES))
     layers = oracle_layers()
 
     @jax.jit
     @chex.assert_max_traces(n=1)
-    def fwd(state, x, active):
-        return lora_nnx.apply(nnx.merge(GRAPHDEF, state), x, active=active)
+    def fwd(state, x, lora):
+        return lora_nnx.apply(nnx.merge(GRAPHDEF, state), x, lora=lora)
 
     for name in bank.names:
         chosen = jaxlora.select(bank, name)
-        want = oracle_forward(np.asarray(X), oracle_dense(layers, chosen), BLOCKS)
+        want = oracle_forward(np.asarray(X), oracle_dense(layers, chosen.adapters), BLOCKS)
         ok, err, allowed = reference.allclose(fwd(STATE, X, chosen), want, "float32")
         assert ok, f"{name}: {err} > {allowed}"
     assert fwd._cache_size() == 1
     assert type(MODEL.blocks[0].attn.query) is nnx.LinearGeneral  # untouched
+    own = jax.jit(lambda s, x: nnx.merge(GRAPHDEF, s)(x))(STATE, X)
     base = jax.jit(lambda s, x: lora_nnx.apply(nnx.merge(GRAPHDEF, s), x))(STATE, X)
-    assert np.array_equal(base, jax.jit(lambda s, x: nnx.merge(GRAPHDEF, s)(x))(STATE, X))
+    assert np.array_equal(base, own)
+    # select(bank, None): the bank's structure gated off, in the same trace, still bitwise
+    assert np.array_equal(fwd(STATE, X, jaxlora.select(bank, None)), own)
+    assert fwd._cache_size() == 1
 
 
 @pytest.mark.clause("SW-FLAX-4", "SW-MIXED-1")
@@ -148,7 +153,7 @@ def test_mixed_batches_match_oracle_and_ids_do_not_retrace(routing):
     @nnx.jit
     @chex.assert_max_traces(n=1)
     def fwd(model, x, stacked, ids):
-        return lora_nnx.apply_mixed(model, x, stacked=stacked, ids=ids, routing=routing)
+        return lora_nnx.apply(model, x, lora=jaxlora.Routed(stacked, ids), routing=routing)
 
     for rows in (
         ["ad1", None, "ad8", "ad14"],
@@ -171,13 +176,75 @@ def test_bad_targets_and_shapes_raise_clear_errors():
     and half a mixed-batch request ConfigError."""
     w = jaxlora.LoraWeights(jnp.ones((DIM, 2)), jnp.ones((2, DIM)), jnp.asarray(1.0))
     with pytest.raises(TargetNotFoundError, match=r"'blocks\.0\.mlp'.*'blocks\.0\.up'"):
-        lora_nnx.apply(MODEL, X, active=({"blocks.0.mlp": w},))
-    with pytest.raises(ShapeMismatchError, match=r"'head'.*\(16, 8\).*b\(2, 16\)"):
-        lora_nnx.apply(MODEL, X, active=({"head": w},))
-    with pytest.raises(ConfigError, match="needs both `stacked`"):
-        lora_nnx.with_lora(MODEL, ids=jnp.zeros(4, jnp.int32))
+        lora_nnx.apply(MODEL, X, lora={"blocks.0.mlp": w})
+    with pytest.raises(ShapeMismatchError, match=r"'head'.*maps \(16, 8\).*b\(2, 16\)"):
+        lora_nnx.apply(MODEL, X, lora={"head": w})
+    stacked = jaxlora.stack(jaxlora.conform(sixteen_adapter_bank(SHAPES)))
+    with pytest.raises(
+        ConfigError,
+        match=r"stacked\.route\(names\) for a mixed batch.*got "
+        r"StackedBank",
+    ):
+        lora_nnx.with_lora(MODEL, stacked)  # half a mixed-batch request: no per-row ids
 
     leading = nnx.LinearGeneral(3, 4, axis=0, rngs=nnx.Rngs(0))
     wl = jaxlora.LoraWeights(jnp.ones((3, 1)), jnp.ones((1, 4)), jnp.asarray(1.0))
     with pytest.raises(UnsupportedFeatureError, match=r"''.*axis=\(0,\)"):
-        lora_nnx.apply(leading, jnp.ones((3, 5)), active=({"": wl},))
+        lora_nnx.apply(leading, jnp.ones((3, 5)), lora={"": wl})
+
+
+def _host(leaf) -> np.ndarray:
+    """A state leaf as NumPy (RNG keys as their key data)."""
+    if jnp.issubdtype(jnp.asarray(leaf).dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(leaf))
+    return np.asarray(leaf)
+
+
+class Stateful(nnx.Module):
+    """A model whose call writes state: BatchNorm statistics and the dropout RNG counter."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.up = nnx.Linear(DIM, HIDDEN, rngs=rngs)
+        self.norm = nnx.BatchNorm(HIDDEN, use_running_average=False, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.head = nnx.Linear(HIDDEN, OUT, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.drop(self.norm(self.up(x))))
+
+
+@pytest.mark.clause("SW-FLAX-5")
+def test_apply_writes_the_calls_state_updates_back_to_the_model():
+    """SW-FLAX-5: `apply` with any selection (none, one adapter, a mixed batch) leaves the model's
+    BatchNorm statistics and RNG counters exactly as a plain `model(x)` does, keeps its modules
+    (same objects, same types) and adds nothing of the LoRA selection to its state."""
+    x = X.reshape(-1, DIM)
+    shapes = lora_nnx.layer_shapes(Stateful(nnx.Rngs(0)))
+    cfg = jaxlora.LoraConfig(r=2, target_modules=["head"], init_lora_weights=False)
+    bank = jaxlora.AdapterBank().add("a", jaxlora.init_adapter(jax.random.key(3), cfg, shapes))
+    rows = ["a", None] * (x.shape[0] // 2)
+    selections = {
+        "none": None,
+        "adapter": jaxlora.select(bank, "a"),
+        "mixed": jaxlora.stack(bank).route(rows),
+    }
+    for label, lora in selections.items():
+        plain, model = Stateful(nnx.Rngs(0)), Stateful(nnx.Rngs(0))
+        before = nnx.state(model)
+        modules = [(p, m, type(m)) for p, m in nnx.iter_modules(model)]
+        for _ in range(2):  # the second call must start from the first call's updates
+            want = plain(x)
+            got = lora_nnx.apply(model, x, lora=lora)
+        after, expected = nnx.state(model), nnx.state(plain)
+        assert jax.tree.structure(after) == jax.tree.structure(before), label
+        assert jax.tree.structure(after) == jax.tree.structure(expected), label
+        for leaf, exp in zip(jax.tree.leaves(after), jax.tree.leaves(expected), strict=True):
+            assert np.array_equal(_host(leaf), _host(exp)), label
+        stats = model.norm.mean[...]
+        assert not np.array_equal(stats, np.zeros_like(stats)), label  # the state did change
+        assert [(p, m, type(m)) for p, m in nnx.iter_modules(model)] == modules, label
+        assert type(model.head) is nnx.Linear, label
+        if lora is None:
+            assert np.array_equal(got, want)
+        else:  # the adapter is applied (dropout masks agree: same RNG counters as the plain call)
+            assert not np.allclose(got, want), label

@@ -16,7 +16,6 @@ import jaxlora
 from jaxlora import reference
 
 forward_jit = jax.jit(jaxlora.forward)
-mixed_jit = jax.jit(jaxlora.forward_mixed)
 
 
 def plain_base(model: jaxlora.DenseChain, x: jax.Array) -> jax.Array:
@@ -123,8 +122,8 @@ def test_untargeted_layers_compute_exactly_the_base(dtype):
     h = x
     for kernel, bias in zip(model.kernels[:2], model.biases[:2], strict=True):
         h = jnp.tanh(h @ kernel + bias)
-    want = jaxlora.lora_dense(h, model.kernels[2], model.biases[2], ad["head"])
-    got = jaxlora.forward(model, x, (ad,))
+    want = jaxlora.lora_dense(h, model.kernels[2], model.biases[2], ad, "head")
+    got = jaxlora.forward(model, x, lora=ad)
     assert np.array_equal(np.asarray(got), np.asarray(want))
     assert not np.array_equal(np.asarray(got), np.asarray(jaxlora.forward(model, x)))
 
@@ -142,26 +141,26 @@ def test_bf16_base_with_fp32_adapter_accumulates_in_fp32_and_casts_once():
     kernel = jnp.ones((1, 1), jnp.bfloat16)
     w = jaxlora.LoraWeights(jnp.full((1, 1), d, jnp.float32), jnp.ones((1, 1)), jnp.asarray(1.0))
     x = jnp.ones((1, 1), jnp.bfloat16)
-    for fn in (jaxlora.lora_dense, jax.jit(jaxlora.lora_dense)):
-        y = fn(x, kernel, None, [w])
+    for fn in (jaxlora.lora_dense, jax.jit(jaxlora.lora_dense, static_argnums=4)):
+        y = fn(x, kernel, None, {"p": w}, "p")
         assert y.dtype == jnp.bfloat16
         assert np.asarray(y)[0, 0] == want
     # two fp32 deltas are summed in fp32 before the single cast: d/2 + d/2 == d
     half = jaxlora.LoraWeights(w.a, w.b, jnp.asarray(0.5))
-    y2 = jaxlora.lora_dense(x, kernel, None, [half, half])
+    y2 = jaxlora.lora_dense(x, kernel, None, jaxlora.Active.of({"p": half}, {"p": half}), "p")
     assert np.asarray(y2)[0, 0] == want
 
 
 @pytest.mark.clause("SW-MIXED-1")
 @given(data=st.data(), case=cases(max_adapters=3, batch=5))
 def test_mixed_batch_rows_match_the_oracle(data, case):
-    """SW-MIXED-1: in `forward_mixed`, row i equals the oracle's forward of row i alone with its
+    """SW-MIXED-1: in a mixed batch (`lora=stacked.route(rows)`), row i equals the oracle's forward of row i alone with its
     own adapter (None: the base model), under SW-TOL-1."""
     stacked = jaxlora.stack(jaxlora.conform(case.bank))
     rows = data.draw(
         st.lists(st.sampled_from([*case.names, None]), min_size=5, max_size=5), label="rows"
     )
-    y = mixed_jit(case.model, case.x, stacked, jnp.asarray(stacked.ids(rows)))
+    y = forward_jit(case.model, case.x, stacked.route(rows))
     want = reference.mixed_forward(
         case.layers, case.x64, [None if r is None else case.adapters[r].ref for r in rows]
     )

@@ -9,10 +9,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from hf_fixtures import write_llama_checkpoint, write_peft_adapters  # noqa: E402
+
 import jaxlora  # noqa: E402
 from jaxlora import generate as generate_module  # noqa: E402
-from jaxlora.commands.demo_llama import write_llama_checkpoint, write_peft_adapters  # noqa: E402
-from jaxlora.errors import AdapterNotFoundError, ConfigError  # noqa: E402
+from jaxlora.errors import AdapterNotFoundError, ConfigError, ShapeMismatchError  # noqa: E402
 from jaxlora.generate import compile_counts, generate  # noqa: E402
 from jaxlora.models import forward, load_llama  # noqa: E402
 
@@ -46,7 +47,8 @@ def setup(tmp_path_factory):
     peft_model = write_peft_adapters(base, root / "adapters", ADAPTERS, seed=12)
     model = load_llama(root / "llama")
     bank = jaxlora.io.load_peft(root / "adapters", layer_shapes=model.lora_shapes())
-    return peft_model, model, bank
+    conformed = jaxlora.conform(bank)
+    return peft_model, model, conformed, jaxlora.stack(conformed)
 
 
 def _left_padded(prompts):
@@ -59,7 +61,7 @@ def _left_padded(prompts):
 @pytest.mark.clause("SW-GEN-2")
 def test_greedy_matches_transformers_peft_generate(setup):
     """SW-GEN-2: per-row tokens equal PEFT generate(adapter_names=...) with the same stop."""
-    peft_model, model, bank = setup
+    peft_model, model, _, stacked = setup
     ids, mask = _left_padded(PROMPTS)
     with torch.no_grad():
         out = peft_model.generate(
@@ -72,7 +74,8 @@ def test_greedy_matches_transformers_peft_generate(setup):
             pad_token_id=PAD,
         )
     theirs = out[:, ids.shape[1] :].numpy()
-    ours = generate(model, bank, PROMPTS, ROWS, max_new_tokens=10, stop_tokens=[2], pad_id=PAD)
+    lora = stacked.route(ROWS)
+    ours = generate(model, PROMPTS, lora=lora, max_new_tokens=10, stop_tokens=[2], pad_id=PAD)
     for i, row in enumerate(ours.rows()):
         expected = theirs[i].tolist()
         if 2 in expected:
@@ -83,10 +86,10 @@ def test_greedy_matches_transformers_peft_generate(setup):
 @pytest.mark.clause("SW-GEN-1")
 def test_rows_equal_their_single_adapter_generation(setup):
     """SW-GEN-1: a mixed batch row equals the row generated alone via jaxlora.select."""
-    _, model, bank = setup
-    mixed = generate(model, bank, PROMPTS, ROWS, max_new_tokens=8)
+    _, model, conformed, stacked = setup
+    mixed = generate(model, PROMPTS, lora=stacked.route(ROWS), max_new_tokens=8)
     for i, (prompt, name) in enumerate(zip(PROMPTS, ROWS, strict=True)):
-        alone = generate(model, bank, [prompt], name, max_new_tokens=8)
+        alone = generate(model, [prompt], lora=jaxlora.select(conformed, name), max_new_tokens=8)
         assert alone.rows()[0] == mixed.rows()[i], f"row {i} ({name})"
     assert mixed.tokens.shape == (len(PROMPTS), 8) and mixed.prompt_len == 4
 
@@ -94,32 +97,32 @@ def test_rows_equal_their_single_adapter_generation(setup):
 @pytest.mark.clause("SW-GEN-3")
 def test_per_row_stop_tokens(setup):
     """SW-GEN-3: each row stops at its first stop token, kept; pad_id after; lengths count it."""
-    _, model, bank = setup
-    free = generate(model, bank, PROMPTS, ROWS, max_new_tokens=8, pad_id=PAD).tokens
+    _, model, _, stacked = setup
+    lora = stacked.route(ROWS)
+    free = generate(model, PROMPTS, lora=lora, max_new_tokens=8, pad_id=PAD).tokens
     stops = [[int(row[k])] for row, k in zip(free, [3, 0, 5, 2, 7], strict=True)]
-    stopped = generate(model, bank, PROMPTS, ROWS, max_new_tokens=8, stop_tokens=stops, pad_id=PAD)
+    stopped = generate(model, PROMPTS, lora=lora, max_new_tokens=8, stop_tokens=stops, pad_id=PAD)
     for i, row in enumerate(free.tolist()):
         n = row.index(stops[i][0]) + 1
         assert stopped.lengths[i] == n
         assert stopped.tokens[i, :n].tolist() == row[:n]
         assert (stopped.tokens[i, n:] == PAD).all()
-    flat = generate(model, bank, PROMPTS, ROWS, max_new_tokens=8, stop_tokens=[int(free[0, 1])])
+    flat = generate(model, PROMPTS, lora=lora, max_new_tokens=8, stop_tokens=[int(free[0, 1])])
     assert flat.rows()[0] == free[0, : free[0].tolist().index(free[0, 1]) + 1].tolist()
 
 
 @pytest.mark.clause("SW-GEN-4")
 def test_sampling_is_keyed_and_respects_top_k(setup):
     """SW-GEN-4: same key -> same tokens; top_k=1 is greedy; samples lie in the top k."""
-    _, model, bank = setup
+    _, model, conformed, stacked = setup
     key = jax.random.key(3)
-    kwargs = dict(max_new_tokens=8, temperature=1.5, top_k=3, key=key)
-    a = generate(model, bank, PROMPTS, ROWS, **kwargs)
-    b = generate(model, bank, PROMPTS, ROWS, **kwargs)
+    kwargs = dict(lora=stacked.route(ROWS), max_new_tokens=8, temperature=1.5, top_k=3, key=key)
+    a = generate(model, PROMPTS, **kwargs)
+    b = generate(model, PROMPTS, **kwargs)
     np.testing.assert_array_equal(a.tokens, b.tokens)
-    greedy = generate(model, bank, PROMPTS, ROWS, max_new_tokens=8)
-    top1 = generate(model, bank, PROMPTS, ROWS, **(kwargs | {"top_k": 1}))
+    greedy = generate(model, PROMPTS, lora=stacked.route(ROWS), max_new_tokens=8)
+    top1 = generate(model, PROMPTS, **(kwargs | {"top_k": 1}))
     np.testing.assert_array_equal(top1.tokens, greedy.tokens)
-    conformed = jaxlora.conform(bank)
     for i in (0, 2):  # every prefix of the sampled row in one left-padded forward
         prefixes = [PROMPTS[i] + a.tokens[i, :t].tolist() for t in range(8)]
         ids, mask = _left_padded(prefixes)
@@ -133,19 +136,18 @@ def test_sampling_is_keyed_and_respects_top_k(setup):
         (dict(top_k=0), "`top_k` must be in"),
     ]:
         with pytest.raises(ConfigError, match=words):
-            generate(model, bank, PROMPTS, ROWS, max_new_tokens=2, **bad)
+            generate(model, PROMPTS, lora=stacked.route(ROWS), max_new_tokens=2, **bad)
 
 
 @pytest.mark.clause("SW-GEN-5")
 def test_switching_adapters_never_retraces(setup):
     """SW-GEN-5: new adapter assignments (and prompts of one padded length) reuse one decode."""
-    _, model, bank = setup
-    stacked = jaxlora.stack(jaxlora.conform(bank))
+    _, model, _, stacked = setup
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8]]
     before = compile_counts()
     for rows in (["wide", "ffn", None], [None, None, "default"], ["ffn", "wide", "wide"]):
-        generate(model, stacked, prompts, rows, max_new_tokens=7)
-    generate(model, stacked, [[9, 9, 9], [1], [3, 3]], ["default"] * 3, max_new_tokens=7)
+        generate(model, prompts, lora=stacked.route(rows), max_new_tokens=7)
+    generate(model, [[9, 9, 9], [1], [3, 3]], lora=stacked.route(["default"] * 3), max_new_tokens=7)
     after = compile_counts()
     assert after["decode"] - before["decode"] == 1
     assert after["prefill"] - before["prefill"] == 1
@@ -154,12 +156,21 @@ def test_switching_adapters_never_retraces(setup):
 
 @pytest.mark.clause("SW-GEN-6")
 def test_generation_input_errors(setup):
-    """SW-GEN-6: bad adapters lists, names, prompts and lengths raise clear errors."""
-    _, model, bank = setup
+    """SW-GEN-6: bad adapters lists (one id per row, else ShapeMismatchError), names (when the
+    selection is built), prompts and lengths raise clear errors."""
+    _, model, conformed, stacked = setup
     cases = [
-        (dict(adapters=["wide"]), ConfigError, "names 1 rows but there are 5 prompts"),
-        (dict(adapters=["wide", "nope", None, None, None]), AdapterNotFoundError, "'nope'"),
-        (dict(adapters="nope"), AdapterNotFoundError, "'nope'"),
+        (
+            dict(adapters=["wide"]),
+            ShapeMismatchError,
+            r"Routed ids have shape \(1,\) but the batch has 5 rows",
+        ),
+        (
+            dict(adapters=["wide", "nope", None, None, None]),
+            AdapterNotFoundError,
+            r"'nope'.*Slots: 'default', 'ffn', 'wide'",
+        ),
+        (dict(adapters="nope"), AdapterNotFoundError, r"'nope'.*'default', 'ffn', 'wide'"),
         (dict(prompts=[[1], []]), ConfigError, "prompt 1 is empty"),
         (dict(prompts=[[1, 80]]), ConfigError, r"token id 80 outside the vocabulary \[0, 80\)"),
         (dict(max_new_tokens=0), ConfigError, "`max_new_tokens` must be a positive int"),
@@ -168,16 +179,18 @@ def test_generation_input_errors(setup):
     for changes, error, words in cases:
         args = dict(prompts=PROMPTS, adapters=ROWS, max_new_tokens=2) | changes
         with pytest.raises(error, match=words):
-            generate(model, bank, args.pop("prompts"), args.pop("adapters"), **args)
+            rows = args.pop("adapters")
+            lora = jaxlora.select(conformed, rows) if isinstance(rows, str) else stacked.route(rows)
+            generate(model, args.pop("prompts"), lora=lora, **args)
 
 
 @pytest.mark.clause("SW-GEN-4")
 @pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_temperature_is_refused(setup, temperature):
     """SW-GEN-4: a NaN or infinite temperature raises ConfigError instead of sampling garbage."""
-    _, model, bank = setup
+    _, model, _, stacked = setup
     with pytest.raises(ConfigError, match=r"`temperature` must be a finite number >= 0, got"):
         generate(
-            model, bank, PROMPTS, ROWS, max_new_tokens=2, temperature=temperature,
+            model, PROMPTS, lora=stacked.route(ROWS), max_new_tokens=2, temperature=temperature,
             key=jax.random.key(0),
         )  # fmt: skip

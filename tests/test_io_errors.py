@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import struct
 from pathlib import Path
@@ -19,7 +20,14 @@ from jaxlora.errors import (
     TargetNotFoundError,
     UnsupportedFeatureError,
 )
-from jaxlora.io import _save, load_peft, load_peft_adapter, save_peft, validate_against
+from jaxlora.io import (
+    _save,
+    load_peft,
+    load_peft_adapter,
+    prefix_key_map,
+    save_peft,
+    validate_against,
+)
 from jaxlora.io._safetensors import write_tensors
 
 WEIGHTS = "adapter_model.safetensors"
@@ -208,9 +216,30 @@ def test_key_map_collision(saved):
 # -- SW-IO-9: validation against the model ----------------------------------------------------
 @pytest.mark.clause("SW-IO-9")
 def test_paths_the_model_lacks_are_listed(saved):
-    """SW-IO-9: every path the model lacks is listed, with the model's layers."""
-    with pytest.raises(TargetNotFoundError, match=r"2 layer\(s\).*'blocks.0.q', 'blocks.1.v'"):
+    """SW-IO-9: every path the model lacks is listed, with the model's layers, and the advice
+    names the key map arguments that exist."""
+    with pytest.raises(TargetNotFoundError, match=r"2 layer\(s\).*'blocks.0.q', 'blocks.1.v'") as e:
         load_peft(saved, layer_shapes={"other": (4, 6)})
+    assert "Model layers: 'other'" in str(e.value)
+    assert "`key_map=` of jaxlora.io.load_peft / load_peft_adapter" in str(e.value)
+    for function in (load_peft, load_peft_adapter):
+        assert "key_map" in inspect.signature(function).parameters
+
+
+@pytest.mark.clause("SW-IO-2")
+def test_prefix_key_map_renames_the_longest_prefix(saved):
+    """SW-IO-2: prefix_key_map renames the longest matching path prefix and leaves other paths
+    alone; as load_peft's key_map it fits an adapter to a model with other names; a prefix that
+    is not a string raises ConfigError."""
+    km = prefix_key_map({"blocks.": "model.layers.", "blocks.1.": "model.layers.9.", "": "x."})
+    assert km("blocks.0.q") == "model.layers.0.q" and km("blocks.1.v") == "model.layers.9.v"
+    assert km("head") == "x.head" and prefix_key_map({"a.": "b."})("c.a.d") == "c.a.d"
+    shapes = {"model.layers.0.q": (4, 6), "model.layers.1.v": (4, 6)}
+    km = prefix_key_map({"blocks.": "model.layers."})
+    bank = load_peft(saved, key_map=km, layer_shapes=shapes)
+    assert sorted(bank["default"]) == sorted(shapes)
+    with pytest.raises(ConfigError, match=r"prefixes must be strings, got 1 -> 'x'"):
+        prefix_key_map({1: "x"})
 
 
 @pytest.mark.clause("SW-IO-9")

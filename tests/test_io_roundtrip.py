@@ -132,8 +132,8 @@ def test_save_peft_then_peft_loads_same_outputs(tmp_path):
         with torch.no_grad():
             y_peft = model(torch.as_tensor(x, dtype=torch.float32)).numpy()
         selected = jaxlora.select(bank, active)
-        y_jax = np.asarray(jaxlora.forward(chain, jnp.asarray(x, jnp.float32), selected))
-        y_ref = oracle(layers, x, selected)
+        y_jax = np.asarray(jaxlora.forward(chain, jnp.asarray(x, jnp.float32), lora=selected))
+        y_ref = oracle(layers, x, selected.adapters)
         assert_close(y_peft, y_ref)
         assert_close(y_jax, y_ref)
 
@@ -194,7 +194,8 @@ def test_peft_save_then_load_peft_same_outputs(tmp_path):
             y_peft = model(torch.as_tensor(x, dtype=torch.float32)).numpy()
         names = [active] if isinstance(active, str) else active
         y_ref = oracle(layers, x, [peft_terms(model, n) for n in names])
-        y_jax = jaxlora.forward(chain, jnp.asarray(x, jnp.float32), jaxlora.select(bank, active))
+        selected = jaxlora.select(bank, active)
+        y_jax = jaxlora.forward(chain, jnp.asarray(x, jnp.float32), lora=selected)
         assert_close(y_peft, y_ref)
         assert_close(np.asarray(y_jax), y_ref)
         for n in names:  # the scales jaxlora computed are PEFT's

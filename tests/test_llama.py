@@ -12,9 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_fixtures import write_llama_checkpoint, write_peft_adapters  # noqa: E402
+
 import jaxlora  # noqa: E402
 from jaxlora import reference  # noqa: E402
-from jaxlora.commands.demo_llama import write_llama_checkpoint, write_peft_adapters  # noqa: E402
 from jaxlora.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
@@ -24,7 +25,6 @@ from jaxlora.errors import (  # noqa: E402
 )
 from jaxlora.models import (  # noqa: E402
     KVCache,
-    Routed,
     forward,
     forward_with_cache,
     init_cache,
@@ -266,7 +266,7 @@ def test_mixed_batch_matches_peft_adapter_names(peft_setup):
     theirs = hf_logits(peft_model, tokens, mask, adapter_names=[r or "__base__" for r in rows])
     conformed = jaxlora.conform(bank)
     stacked = jaxlora.stack(conformed)
-    routed = Routed(stacked, jnp.asarray(stacked.ids(rows)))
+    routed = jaxlora.Routed(stacked, jnp.asarray(stacked.ids(rows)))
     ours = forward(model, tokens, attention_mask=mask, lora=routed)
     assert_close_at_real_tokens(ours, theirs, mask)
     for i, name in enumerate(rows):
@@ -293,7 +293,7 @@ def test_forward_compiles_once_for_all_adapters(peft_setup):
     assert llama_module._forward_jit._cache_size() - before == 1
     stacked = jaxlora.stack(conformed)
     for rows in (["rs", "ffn"], [None, "default"], ["attn", "attn"]):
-        forward(model, tokens, lora=Routed(stacked, jnp.asarray(stacked.ids(rows))))
+        forward(model, tokens, lora=stacked.route(rows))
     assert llama_module._forward_jit._cache_size() - before == 2
 
 
@@ -303,12 +303,14 @@ def test_adapter_that_does_not_fit_the_model_raises(peft_setup):
     _, model, _ = peft_setup
     w = jaxlora.LoraWeights(jnp.ones((32, 2)), jnp.ones((2, 32)), jnp.asarray(1.0))
     with pytest.raises(TargetNotFoundError, match=r"model\.layers\.0\.attn\.q"):
-        forward(model, TOKENS, lora=({"model.layers.0.attn.q": w},))
+        forward(model, TOKENS, lora={"model.layers.0.attn.q": w})
     bad = jaxlora.LoraWeights(jnp.ones((32, 2)), jnp.ones((2, 7)), jnp.asarray(1.0))
-    with pytest.raises(ShapeMismatchError, match=r"model.layers.1.mlp.up_proj.*\(32 -> 48\)"):
-        forward(model, TOKENS, lora=({"model.layers.1.mlp.up_proj": bad},))
+    with pytest.raises(
+        ShapeMismatchError, match=r"'model\.layers\.1\.mlp\.up_proj': the layer maps \(32, 48\)"
+    ):
+        forward(model, TOKENS, lora={"model.layers.1.mlp.up_proj": bad})
     stacked = jaxlora.stack(jaxlora.conform(peft_setup[2]))
     with pytest.raises(ShapeMismatchError, match="one slot id per row"):
-        forward(model, TOKENS, lora=Routed(stacked, jnp.asarray([0, 1, 2])))
-    with pytest.raises(ConfigError, match="Routed"):
+        forward(model, TOKENS, lora=jaxlora.Routed(stacked, jnp.asarray([0, 1, 2])))
+    with pytest.raises(ConfigError, match=r"got str \(a name: use jaxlora\.select\(bank, 'rs'\)\)"):
         forward(model, TOKENS, lora="rs")

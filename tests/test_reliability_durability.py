@@ -1,5 +1,5 @@
 """Saves interrupted at any point lose nothing; saved banks round-trip bitwise
-(specs/reliability.md SW-DURABLE-1..2).
+(specs/reliability.md SW-DURABLE-1..2; the checkpoint writer and `atomic_write` too, SW-IO-13).
 
 Three ways to interrupt `save_peft` over an existing adapter directory:
 - an exception injected at every I/O step (the save's own cleanup then runs);
@@ -31,7 +31,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxlora
-from jaxlora.io import _save, load_peft, save_peft
+from jaxlora.io import (
+    _atomic,
+    _checkpoint,
+    _save,
+    atomic_write,
+    load_peft,
+    save_hf_checkpoint,
+    save_peft,
+)
 
 HERE = Path(__file__).resolve().parent
 KILL_ROUNDS = int(os.environ.get("JAXLORA_KILL_ROUNDS", "3"))
@@ -145,12 +153,16 @@ class FaultPlan:
         return step
 
 
-def install(monkeypatch, plan: FaultPlan, module=_save) -> None:
-    """Route every file-system step of `module` (writes, renames, removals) through `plan`."""
+def install(monkeypatch, plan: FaultPlan, modules=(_save, _atomic)) -> None:
+    """Route every file-system step of `modules` (writes, fsyncs, renames, the directory
+    exchange, removals) through `plan`: the writer's own steps and the atomic-write helper's."""
     real_json, real_os, real_shutil = json, os, shutil
 
     class Json:
         dump = staticmethod(plan.wrap("json.dump", real_json.dump))
+
+        def __getattr__(self, name):
+            return getattr(real_json, name)
 
     class Os:
         replace = staticmethod(plan.wrap("os.replace", real_os.replace))
@@ -162,14 +174,14 @@ def install(monkeypatch, plan: FaultPlan, module=_save) -> None:
     class Shutil:
         rmtree = staticmethod(plan.wrap("shutil.rmtree", real_shutil.rmtree))
 
-    for name, value in {
-        "write_tensors": plan.wrap("write_tensors", module.write_tensors),
-        "json": Json,
-        "os": Os(),
-        "shutil": Shutil,
-    }.items():
-        if hasattr(module, name):
-            monkeypatch.setattr(module, name, value)
+    for module in modules:
+        steps = {"json": Json(), "os": Os(), "shutil": Shutil}
+        for name in ("write_tensors", "_exchange"):
+            if hasattr(module, name):
+                steps[name] = plan.wrap(name, getattr(module, name))
+        for name, value in steps.items():
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, value)
 
 
 def interrupted_save_outcomes(monkeypatch, tmp_path, mode: str, save=save_peft) -> list[str]:
@@ -279,3 +291,63 @@ def test_sigkill_mid_save_leaves_old_or_new(tmp_path, expected_trees):
         assert_same_bank(load_peft(target), OLD if label == "old" else NEW)
         seen.append(label)
     assert len(seen) == KILL_ROUNDS
+
+
+# -- SW-IO-13: the other writers use the same atomic helper ------------------------------------
+
+OLD_CKPT = ({"w.weight": np.arange(6, dtype=np.float32).reshape(2, 3)}, {"model_type": "toy"})
+NEW_CKPT = (
+    {"w.weight": -np.ones((3, 2), np.float32), "b": np.zeros(3, np.float16)},
+    {"model_type": "toy", "version": 2},
+)
+
+
+@pytest.mark.clause("SW-IO-13")
+@pytest.mark.parametrize("mode", ["raise", "crash"])
+def test_interrupted_checkpoint_write_leaves_old_or_new(monkeypatch, tmp_path, mode):
+    """SW-IO-13: save_hf_checkpoint over an existing checkpoint, interrupted at each I/O step
+    (tensor write, fsyncs, the swap, removals) by an exception or a simulated crash, leaves the
+    previous checkpoint or the complete new one, file by file bitwise."""
+    trees = {}
+    for label, ckpt in (("old", OLD_CKPT), ("new", NEW_CKPT)):
+        save_hf_checkpoint(tmp_path / label, *ckpt)
+        trees[label] = snapshot(tmp_path / label)
+    save_hf_checkpoint(tmp_path / "count", *OLD_CKPT)
+    counter = FaultPlan()
+    with monkeypatch.context() as m:
+        install(m, counter, modules=(_checkpoint, _atomic))
+        save_hf_checkpoint(tmp_path / "count", *NEW_CKPT)
+    assert {"write_tensors", "os.fsync", "_exchange", "shutil.rmtree"} <= set(counter.steps)
+    outcomes = []
+    for at in range(1, len(counter.steps) + 1):
+        target = tmp_path / f"target-{at}"
+        save_hf_checkpoint(target, *OLD_CKPT)
+        with monkeypatch.context() as m:
+            install(m, FaultPlan(at, mode), modules=(_checkpoint, _atomic))
+            with contextlib.suppress(Injected):
+                save_hf_checkpoint(target, *NEW_CKPT)
+        state = snapshot(target)
+        outcomes.append(next((k for k, tree in trees.items() if state == tree), "DAMAGED"))
+    assert set(outcomes) <= {"old", "new"} and "old" in outcomes, outcomes
+
+
+@pytest.mark.clause("SW-IO-13")
+@pytest.mark.parametrize("mode", ["raise", "crash"])
+def test_interrupted_atomic_write_leaves_old_or_new(monkeypatch, tmp_path, mode):
+    """SW-IO-13: atomic_write (the CLI's output files) interrupted at each step (fsync of the
+    file, the rename, fsync of the directory) leaves the old content or the new one."""
+    target = tmp_path / "out.jsonl"
+    counter = FaultPlan()
+    with monkeypatch.context() as m:
+        install(m, counter, modules=(_atomic,))
+        atomic_write(target, "new\n")
+    assert counter.steps == ["os.fsync", "os.replace", "os.fsync"], counter.steps
+    for at in range(1, len(counter.steps) + 1):
+        atomic_write(target, "old\n")
+        with monkeypatch.context() as m:
+            install(m, FaultPlan(at, mode), modules=(_atomic,))
+            with contextlib.suppress(Injected):
+                atomic_write(target, "new\n")
+        assert target.read_text() == ("old\n" if at <= 2 else "new\n"), at
+    if mode == "raise":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]

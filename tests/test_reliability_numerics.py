@@ -19,11 +19,15 @@ import jaxlora
 from jaxlora import reference as ref
 from jaxlora.errors import NonFiniteError
 from jaxlora.numerics import check_finite, non_finite_entries
-from jaxlora.routing import METHODS
+from jaxlora.routing import ROUTINGS
 
 LOW = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PATHS = ["blocks.0.q", "blocks.0.o", "head"]
 WIDTHS = [16, 24, 16, 8]
+
+
+#: `jaxlora.lora_dense` jitted; the layer path (argument 4) is static.
+dense_jit = jax.jit(jaxlora.lora_dense, static_argnums=4)
 
 
 def f64(x) -> np.ndarray:
@@ -106,13 +110,13 @@ def test_low_precision_base_fp32_adapter_layer_rounds_once(dtype_name):
     dtype = LOW[dtype_name]
     model, bank, x = make_setup(dtype)
     stacked = jaxlora.stack(bank)
-    dense, mixed = jax.jit(jaxlora.lora_dense), jax.jit(jaxlora.lora_dense_mixed)
     checked = 0
     for layer, (path, kernel, bias) in enumerate(
         zip(model.paths, model.kernels, model.biases, strict=True)
     ):
         if layer:  # the next layer's input, as the chain computes it
-            x = jnp.tanh(dense(x, model.kernels[layer - 1], model.biases[layer - 1]))
+            prev = model.kernels[layer - 1], model.biases[layer - 1]
+            x = jnp.tanh(dense_jit(x, *prev, None, model.paths[layer - 1]))
         magnitude = np.abs(f64(x) @ f64(kernel)) + np.abs(f64(bias))
         for name in bank.names:
             w = bank[name][path]
@@ -120,11 +124,11 @@ def test_low_precision_base_fp32_adapter_layer_rounds_once(dtype_name):
                 continue
             assert w.a.dtype == jnp.float32
             exact = f64(x) @ f64(kernel) + f64(bias) + oracle_delta(x, w)
-            y = dense(x, kernel, bias, [w])
+            y = dense_jit(x, kernel, bias, {path: w}, path)
             assert y.dtype == dtype
             assert rounded_once(y, exact, dtype, magnitude), (path, name)
-            ids = jnp.asarray(stacked.ids([name] * x.shape[0]))
-            y_mixed = mixed(x, kernel, bias, stacked.weights[path], ids)
+            routed = stacked.route([name] * x.shape[0])
+            y_mixed = dense_jit(x, kernel, bias, routed, path)
             assert y_mixed.dtype == dtype
             assert rounded_once(y_mixed, exact, dtype, magnitude), (path, name, "mixed")
             broken = base_dtype_dense(x, kernel, bias, [w])
@@ -231,43 +235,37 @@ def onehot_routed_delta(x, stacked, ids):
     return jnp.einsum("bs,sbo->bo", onehot * stacked.scale[None], per_slot)
 
 
-ROUTING_METHODS = list(METHODS)
+ROUTING_METHODS = list(ROUTINGS)
 
 
 @pytest.mark.clause("SW-NUM-3")
 @pytest.mark.parametrize("method", ROUTING_METHODS)
 def test_non_finite_adapter_stays_in_its_rows(method):
-    """SW-NUM-3: a NaN/Inf adapter never reaches another row of a mixed batch: either stacking
-    refuses it (NonFiniteError naming it), or only its own rows change and every other row
-    (other adapters, no adapter) meets SW-TOL-1 against the oracle. A one-hot routing kernel
-    (0 * NaN) fails the same check."""
+    """SW-NUM-3: a NaN/Inf adapter never reaches another row of a mixed batch. Stacking refuses
+    it (NonFiniteError naming it and the layer); and a NaN that reaches a stacked bank another
+    way (written into its arrays, as an optimizer step could) stays in its own rows under every
+    routing method: those rows are not finite, every other row (other adapters, no adapter)
+    meets SW-TOL-1 against the oracle. A one-hot routing kernel (0 * NaN) fails the check."""
     model, bank, x = _FLOAT32_SETUP
     w = bank["b"][PATHS[0]]
-    bank = bank.replace("b", {**bank["b"], PATHS[0]: _replace(w, "a", w.a.at[1, 0].set(jnp.nan))})
+    bad = bank.replace("b", {**bank["b"], PATHS[0]: _replace(w, "a", w.a.at[1, 0].set(jnp.nan))})
+    with pytest.raises(NonFiniteError) as refused:
+        jaxlora.stack(bad)
+    assert "'b'" in str(refused.value) and PATHS[0] in str(refused.value)
+    stacked = jaxlora.stack(bank)
+    slot, sw = stacked.slot("b"), stacked.weights[PATHS[0]]
+    poisoned = _replace(sw, "a", sw.a.at[slot, 1, 0].set(jnp.nan))
+    stacked = jaxlora.StackedBank({**stacked.weights, PATHS[0]: poisoned}, stacked.names)
     rows = ["a", "b", None, "c", "b", "a"]
-    ids = jnp.asarray([-1 if r is None else bank.names.index(r) for r in rows])
-    raw = jaxlora.LoraWeights(
-        *(
-            jnp.stack([getattr(bank[n][PATHS[0]], f) for n in bank.names])
-            for f in ("a", "b", "scale")
-        )
-    )
-    broken = np.asarray(onehot_routed_delta(x, raw, ids))
-    assert not np.all(np.isfinite(broken[np.asarray(ids) != 1])), "the check cannot fail"
-    try:
-        stacked = jaxlora.stack(bank)
-    except NonFiniteError as refused:  # refusing at the door also satisfies the clause
-        assert "'b'" in str(refused) and PATHS[0] in str(refused)
-        return
-    assert stacked.ids(rows).tolist() == ids.tolist()
-    y = np.asarray(
-        jax.jit(jaxlora.forward_mixed, static_argnames="method")(
-            model, x, stacked, ids, method=method
-        )
-    )
+    ids = stacked.ids(rows)
+    broken = np.asarray(onehot_routed_delta(x, poisoned, jnp.asarray(ids)))
+    assert not np.all(np.isfinite(broken[ids != slot])), "the check cannot fail"
+    fwd = jax.jit(jaxlora.forward, static_argnames="routing")
+    y = np.asarray(fwd(model, x, stacked.route(rows), routing=method))
     layers = ref_layers(model)
     for i, row in enumerate(rows):
         if row == "b":
+            assert not np.all(np.isfinite(y[i])), f"row {i}: the NaN did not reach its own row"
             continue
         active = [] if row is None else [ref_adapter(bank[row])]
         y_ref = ref.chain_forward(layers, f64(x[i : i + 1]), active)
@@ -303,7 +301,7 @@ def test_fp16_overflow_rule(x_value, a_value, alpha):
     where the float32 result itself rounds beyond float16's range; float16 adapters (and a delta
     computed in the base dtype) overflow as soon as the intermediate does."""
     x, kernel, bias, w, expected = _overflow_case(jnp.float32, x_value, a_value, alpha)
-    y = np.asarray(jax.jit(jaxlora.lora_dense)(x, kernel, bias, [w]))
+    y = np.asarray(dense_jit(x, kernel, bias, {"l": w}, "l"))
     fp16_max = float(ml_dtypes.finfo(np.float16).max)
     beyond = np.abs(expected) >= fp16_max + half_ulp(np.asarray(fp16_max), np.float16)
     np.testing.assert_array_equal(np.isinf(y), beyond)
@@ -312,7 +310,8 @@ def test_fp16_overflow_rule(x_value, a_value, alpha):
     intermediate = max(abs(x_value * a_value * 4), alpha)
     if intermediate > fp16_max:  # the rule's other half: fp16 compute overflows
         x16, k16, b16, w16, _ = _overflow_case(jnp.float16, x_value, a_value, alpha)
-        assert not np.all(np.isfinite(np.asarray(jaxlora.lora_dense(x16, k16, b16, [w16]))))
+        y16 = jaxlora.lora_dense(x16, k16, b16, {"l": w16}, "l")
+        assert not np.all(np.isfinite(np.asarray(y16)))
         broken = np.asarray(base_dtype_dense(x, kernel, bias, [w]))
         assert not np.all(np.isfinite(broken)), "the check cannot tell the broken variant"
 

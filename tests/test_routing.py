@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import jaxlora
 from jaxlora import NO_ADAPTER, LoraWeights, reference
 from jaxlora.errors import ConfigError, ShapeMismatchError
-from jaxlora.routing import ONEHOT_MAX_SLOTS, choose_method, routed_delta
+from jaxlora.routing import ONEHOT_MAX_SLOTS, choose_routing, routed_delta
 
 KERNELS = ("gather", "onehot", "ragged")
 D_IN, D_OUT = 6, 5
@@ -70,7 +71,7 @@ def test_every_kernel_matches_the_oracle_and_the_others(case):
     with each other, and give an exact zero on NO_ADAPTER rows."""
     stacked, x, ids = case
     want = oracle_delta(x, stacked, ids)
-    outs = {m: np.asarray(routed_delta(x, stacked, ids, method=m)) for m in KERNELS}
+    outs = {m: np.asarray(routed_delta(x, stacked, ids, routing=m)) for m in KERNELS}
     base_rows = np.asarray(ids) == NO_ADAPTER
     for method, got in outs.items():
         ok, err, allowed = reference.allclose(got, want, "float32")
@@ -91,7 +92,7 @@ def test_sentinel_needs_no_slot_and_bf16_inputs_promote():
     ids = jnp.asarray([-1, 0, -1, 0], jnp.int32)
     want = oracle_delta(np.asarray(x, np.float32), stacked, ids)
     for method in KERNELS:
-        got = routed_delta(x, stacked, ids, method=method)
+        got = routed_delta(x, stacked, ids, routing=method)
         assert got.dtype == jnp.float32
         ok, err, allowed = reference.allclose(got, want, "float32")
         assert ok, (method, err, allowed)
@@ -102,15 +103,15 @@ def test_auto_rule_follows_static_shapes_and_never_retraces_on_ids():
     """SW-ROUTE-3: auto picks onehot for one-token rows with S <= 16, gather otherwise, and the
     jitted auto forward is traced once whatever the ids."""
     few, many = stacked_weights(0, 4, 2), stacked_weights(1, ONEHOT_MAX_SLOTS + 1, 2)
-    assert choose_method((8, D_IN), few) == "onehot"
-    assert choose_method((8, 1, D_IN), few) == "onehot"
-    assert choose_method((8, 3, D_IN), few) == "gather"
-    assert choose_method((8, D_IN), many) == "gather"
+    assert choose_routing((8, D_IN), few) == "onehot"
+    assert choose_routing((8, 1, D_IN), few) == "onehot"
+    assert choose_routing((8, 3, D_IN), few) == "gather"
+    assert choose_routing((8, D_IN), many) == "gather"
 
     @jax.jit
     @chex.assert_max_traces(n=1)
     def auto(x, st, ids):
-        return routed_delta(x, st, ids, method="auto")
+        return routed_delta(x, st, ids, routing="auto")
 
     x = jnp.asarray(np.random.default_rng(2).normal(size=(5, D_IN)), jnp.float32)
     for ids in ([0, 1, 2, 3, -1], [-1] * 5, [3] * 5, [2, 0, -1, 1, 1]):
@@ -122,23 +123,47 @@ def test_auto_rule_follows_static_shapes_and_never_retraces_on_ids():
     assert auto._cache_size() == 1
 
 
+def routed(weights: LoraWeights, ids) -> jaxlora.Routed:
+    """A mixed-batch selection of the stacked `weights` at layer `"p"`."""
+    names = tuple(f"s{i}" for i in range(weights.a.shape[0]))
+    return jaxlora.Routed(jaxlora.StackedBank({"p": weights}, names), ids)
+
+
 @pytest.mark.clause("SW-ROUTE-1")
 def test_bad_arguments_raise_errors_naming_the_shapes():
-    """SW-ROUTE-1: an unknown method, ids of the wrong length or dtype, x of the wrong width and
-    malformed stacked weights raise jaxlora errors that name the shapes and the fix."""
+    """SW-ROUTE-1: an unknown routing raises from `routed_delta`; through the seam
+    (`jaxlora.lora_dense`, `jaxlora.forward` with a `Routed` selection) ids of the wrong length or
+    dtype, x of the wrong width for the stacked weights and unstacked weights raise jaxlora errors
+    that name the shapes and the fix."""
     stacked = stacked_weights(0, 3, 2)
     x = jnp.ones((4, D_IN))
-    with pytest.raises(ConfigError, match=r"unknown routing method 'fast'.*gather"):
-        routed_delta(x, stacked, jnp.zeros(4, jnp.int32), method="fast")
-    with pytest.raises(ShapeMismatchError, match=r"one slot id per row of x\(4, 6\).*ids\(3,\)"):
-        routed_delta(x, stacked, jnp.zeros(3, jnp.int32))
-    with pytest.raises(ConfigError, match="ids must be integers"):
-        routed_delta(x, stacked, jnp.zeros(4, jnp.float32))
-    with pytest.raises(ShapeMismatchError, match=r"in=6.*got x\(4, 7\)"):
-        routed_delta(jnp.ones((4, 7)), stacked, jnp.zeros(4, jnp.int32))
+    kernel = jnp.zeros((D_IN, D_OUT))
+    with pytest.raises(ConfigError, match=r"unknown `routing` 'fast'.*gather"):
+        routed_delta(x, stacked, jnp.zeros(4, jnp.int32), routing="fast")
+    with pytest.raises(
+        ShapeMismatchError,
+        match=r"layer 'p': Routed ids have shape \(3,\) but the input has 4 rows \(x\(4, 6\)\).*"
+        r"one slot id per row",
+    ):
+        jaxlora.lora_dense(x, kernel, None, routed(stacked, jnp.zeros(3, jnp.int32)), "p")
+    chain = jaxlora.DenseChain((kernel,), (jnp.zeros(D_OUT),), ("p",))
+    with pytest.raises(ConfigError, match=r"Routed ids must be integers.*got float32.*route"):
+        jaxlora.forward(chain, x, lora=routed(stacked, jnp.zeros(4, jnp.float32)))
+    with pytest.raises(
+        ShapeMismatchError,
+        match=r"stacked bank, layer 'p': the layer maps \(7, 5\) \(in, out\) but the LoRA "
+        r"weights are a\(3, 6, 2\) b\(3, 2, 5\), which map \(6, 5\)",
+    ):
+        wide = jnp.zeros((7, D_OUT))
+        jaxlora.lora_dense(
+            jnp.ones((4, 7)), wide, None, routed(stacked, jnp.zeros(4, jnp.int32)), "p"
+        )
     flat = LoraWeights(stacked.a[0], stacked.b[0], stacked.scale[0])
-    with pytest.raises(ShapeMismatchError, match=r"a \[S, in, R\].*jaxlora.stack"):
-        routed_delta(x, flat, jnp.zeros(4, jnp.int32))
+    with pytest.raises(ShapeMismatchError, match=r"a \[S, in, r\].*got a\(6, 2\).*jaxlora\.stack"):
+        flat_sel = jaxlora.Routed(
+            jaxlora.StackedBank({"p": flat}, ("s0",)), jnp.zeros(4, jnp.int32)
+        )
+        jaxlora.lora_dense(x, kernel, None, flat_sel, "p")
 
 
 @pytest.mark.clause("SW-ROUTE-4")
@@ -150,8 +175,8 @@ def test_ids_outside_the_bank_never_fall_back(method):
     x = np.random.default_rng(1).normal(size=(4, D_IN)).astype(np.float32)
     ids = np.asarray([2, -2, 1, -1], np.int32)
     with pytest.raises(ConfigError, match=r"must be in \[-1, 2\).*got \[-2, 2\]"):
-        routed_delta(jnp.asarray(x), stacked, jnp.asarray(ids), method=method)
-    d = np.asarray(jax.jit(lambda x, i: routed_delta(x, stacked, i, method=method))(x, ids))
+        routed_delta(jnp.asarray(x), stacked, jnp.asarray(ids), routing=method)
+    d = np.asarray(jax.jit(lambda x, i: routed_delta(x, stacked, i, routing=method))(x, ids))
     assert np.isnan(d[:2]).all()
     want = oracle_delta(x[2:], stacked, ids[2:])
     assert reference.allclose(d[2:], want, "float32")[0]

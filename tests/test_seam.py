@@ -75,8 +75,8 @@ def assert_close(y, want):
 @pytest.mark.clause("SW-SEAM-1", "SW-FORWARD-1", "SW-MIXED-1", "SW-ACTIVE-4")
 @given(cases(dtype_pairs=F32, max_adapters=3), st.data(), st.sampled_from(ROUTINGS))
 def test_spec_chain_takes_every_selection_kind(case, data, routing):
-    """SW-SEAM-1: `jaxlora.forward(model, x, lora=..., routing=...)` equals the oracle for one
-    adapter, several, the base model through the bank's structure (SW-ACTIVE-4) and a routed
+    """SW-SEAM-1, SW-FORWARD-1: `jaxlora.forward(model, x, lora=..., routing=...)` equals the
+    oracle for one adapter, several, the base model through the bank's structure (SW-ACTIVE-4) and a routed
     batch with base rows (SW-MIXED-1)."""
     kind, value = data.draw(selections(case.names, case.x.shape[0]))
     lora = build_lora(case.bank, kind, value)
@@ -180,16 +180,6 @@ def llama_banks(draw: st.DrawFn, shapes) -> jaxlora.AdapterBank:
     return bank
 
 
-def llama_with_kernels(model: Llama, kernels: dict[str, np.ndarray]) -> Llama:
-    """A copy of `model` whose projections at `kernels`' paths hold the given kernels."""
-    copy = nnx.merge(*nnx.split(model))
-    for _, module in nnx.iter_modules(copy):
-        path = getattr(module, "lora_path", None)
-        if path in kernels:
-            module.kernel = nnx.Param(jnp.asarray(kernels[path], jnp.float32))
-    return copy
-
-
 def llama_oracle_row(model: Llama, adapters, row: int) -> np.ndarray:
     """The oracle's SW-FORWARD-1 for the Llama: every projection `W + sum s_i A_i B_i` in float64
     (reference.merge), cast once, then the base model on that row."""
@@ -205,7 +195,9 @@ def llama_oracle_row(model: Llama, adapters, row: int) -> np.ndarray:
                 b = np.asarray(ad[path].b, np.float64)
                 w = w + float(ad[path].scale) * (a @ b)
         kernels[path] = w
-    merged = llama_with_kernels(model, kernels)
+    merged = jaxlora.with_kernels(
+        model, {p: jnp.asarray(k, jnp.float32) for p, k in kernels.items()}
+    )
     return np.asarray(llama_forward(merged, TOKENS[row : row + 1]))
 
 
@@ -214,7 +206,8 @@ def llama_oracle_row(model: Llama, adapters, row: int) -> np.ndarray:
 def test_llama_takes_every_selection_kind(data, routing):
     """SW-SEAM-1, SW-LLAMA-3, SW-LLAMA-4: `jaxlora.models.forward(model, tokens, lora=...,
     routing=...)` equals, row by row, the base Llama whose projections hold the oracle's
-    float64 `W + sum s A B` for that row's adapters (one, several, none, routed)."""
+    float64 `W + sum s A B` for that row's adapters (one, several, routed, and none through the
+    bank's structure, SW-ACTIVE-4)."""
     model = Llama.random(LLAMA, seed=3)
     bank = data.draw(llama_banks(model.lora_shapes()))
     kind, value = data.draw(selections(bank.names, TOKENS.shape[0]))

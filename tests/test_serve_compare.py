@@ -66,19 +66,19 @@ def test_compare_reports_per_request_divergence(files):
     assert main(argv) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1] and rows[1]["id"] == "q"
+    conformed = jaxlora.conform(bank)
     for req, row in zip(requests, rows, strict=True):
         n = req.get("max_new_tokens", 4)
-        ta = generate(model, bank, [req["tokens"]], "v1", max_new_tokens=n).rows()[0]
-        tb = generate(model, bank, [req["tokens"]], "v2", max_new_tokens=n).rows()[0]
+        lora_a, lora_b = jaxlora.select(conformed, "v1"), jaxlora.select(conformed, "v2")
+        ta = generate(model, [req["tokens"]], lora=lora_a, max_new_tokens=n).rows()[0]
+        tb = generate(model, [req["tokens"]], lora=lora_b, max_new_tokens=n).rows()[0]
         assert (row["tokens_a"], row["tokens_b"]) == (ta, tb)
         diffs = [j for j in range(n) if ta[j] != tb[j]]
         assert row["first_divergence"] == (diffs[0] if diffs else None)
         assert row["agreement"] == pytest.approx(1 - len(diffs) / n)
         logp = {}
         for name in ("v1", "v2"):
-            logits = forward(
-                model, [req["tokens"]], lora=jaxlora.select(jaxlora.conform(bank), name)
-            )
+            logits = forward(model, [req["tokens"]], lora=jaxlora.select(conformed, name))
             logp[name] = np.asarray(jax.nn.log_softmax(logits[0, -1]), np.float64)
         kl = float(np.sum(np.exp(logp["v1"]) * (logp["v1"] - logp["v2"])))
         assert row["kl_next_token"] == pytest.approx(kl, rel=1e-3, abs=1e-5)
@@ -116,7 +116,8 @@ def test_compare_bad_batch_size_and_ignored_adapter_field(files, tmp_path, capsy
     out = tmp_path / "out.jsonl"
     assert main([*base, "--requests", str(reqs), "--out", str(out)]) == 0
     row = json.loads(out.read_text())
-    assert row["tokens_a"] == generate(model, bank, [[1, 2]], "v1", max_new_tokens=2).rows()[0]
+    lora = jaxlora.select(jaxlora.conform(bank), "v1")
+    assert row["tokens_a"] == generate(model, [[1, 2]], lora=lora, max_new_tokens=2).rows()[0]
     for content, words in [
         (b'{"tokens": [1]}\n\xff\n', "line 2: not UTF-8 text"),
         (b'{"tokens": [1]}\n{"tokens": [64]}\n', "line 2: token id 64 outside"),

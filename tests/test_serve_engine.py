@@ -54,9 +54,8 @@ def test_tokens_and_logprobs_match_generate_and_the_oracle_logits(setup):
     rows.append(Row((1, 2, 3, 4, 5), "a2", 4, stop=(63,)))
     results = engine.run(rows, engine.snapshot())
     for row, res in zip(rows, results, strict=True):
-        ref = generate(
-            model, bank, [list(row.tokens)], row.adapter, max_new_tokens=row.max_new_tokens
-        )
+        lora = jaxlora.select(jaxlora.conform(bank), row.adapter)
+        ref = generate(model, [list(row.tokens)], lora=lora, max_new_tokens=row.max_new_tokens)
         assert res.tokens == ref.rows()[0]
         full = np.array([list(row.tokens) + res.tokens[:-1]])
         logits = forward(model, full, lora=jaxlora.select(jaxlora.conform(bank), row.adapter))
@@ -99,7 +98,8 @@ def test_unloaded_while_queued_fails_only_that_request(setup):
         engine.unload("a2")
         with pytest.raises(AdapterNotFoundError, match="'a2' was unloaded"):
             doomed.future.result(timeout=60)
-        ref = generate(model, bank, [[1, 2, 3]], "a1", max_new_tokens=3).rows()[0]
+        lora = jaxlora.select(jaxlora.conform(bank), "a1")
+        ref = generate(model, [[1, 2, 3]], lora=lora, max_new_tokens=3).rows()[0]
         assert fine.future.result(timeout=60).result.tokens == ref
     slot = engine.load("a2", bank["a2"])
     assert slot == 2
@@ -189,5 +189,6 @@ def test_a_row_the_engine_refuses_fails_alone_not_its_batch(setup):
             bad.future.result(timeout=60)
         for pending, name in zip(good, ("a0", None), strict=True):
             served = pending.future.result(timeout=60)
-            ref = generate(model, bank, [[1, 2, 3]], name, max_new_tokens=3).rows()[0]
+            lora = jaxlora.select(jaxlora.conform(bank), name)
+            ref = generate(model, [[1, 2, 3]], lora=lora, max_new_tokens=3).rows()[0]
             assert served.result.tokens == ref and served.batch.rows == 2

@@ -106,10 +106,10 @@ def _reference(world, tokens, adapter, new=NEW, stop=()):
     """Tokens of jaxlora.generate on this request alone (memoized per world)."""
     key = (tuple(tokens), adapter, new, tuple(stop))
     if key not in world["references"]:
+        lora = jaxlora.select(jaxlora.conform(world["bank"]), adapter)
         out = generate(
-            world["model"], world["bank"], [list(tokens)], adapters=adapter, max_new_tokens=new,
-            stop_tokens=list(stop),
-        )  # fmt: skip
+            world["model"], [list(tokens)], lora=lora, max_new_tokens=new, stop_tokens=list(stop)
+        )
         world["references"][key] = out.rows()[0]
     return world["references"][key]
 
@@ -240,7 +240,8 @@ def test_load_while_in_flight_neither_retraces_nor_changes_results(world, server
         srv.url, {"tokens": list(PROMPTS[1]), "adapter": "late", "max_new_tokens": NEW}
     )
     bank = world["bank"].add("late", world["late"])
-    expected = generate(world["model"], bank, [list(PROMPTS[1])], "late", max_new_tokens=NEW)
+    lora = jaxlora.select(jaxlora.conform(bank), "late")
+    expected = generate(world["model"], [list(PROMPTS[1])], lora=lora, max_new_tokens=NEW)
     assert status == 200 and reply["tokens"] == expected.rows()[0]
     assert service.engine.compile_count() == count
     errors = [

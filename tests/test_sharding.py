@@ -37,7 +37,7 @@ def make_stacked():
 
 
 def mixed(model, x, stacked, ids):
-    return jaxlora.forward_mixed(model, x, stacked, ids, method="gather")
+    return jaxlora.forward(model, x, lora=jaxlora.Routed(stacked, ids), routing="gather")
 
 
 @pytest.mark.clause("SW-SHARD-1", "SW-SHARD-2", "SW-SHARD-3")

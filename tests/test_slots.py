@@ -66,7 +66,7 @@ def test_replacing_a_slot_changes_only_its_rows_and_does_not_retrace(donate):
     @jax.jit
     @chex.assert_max_traces(n=1)
     def fwd(stacked, ids):
-        return jaxlora.forward_mixed(MODEL, X, stacked, ids, method="gather")
+        return jaxlora.forward(MODEL, X, lora=jaxlora.Routed(stacked, ids), routing="gather")
 
     ids = jnp.asarray(stacked.ids(ROWS))
     before = np.asarray(fwd(stacked, ids))
@@ -78,7 +78,9 @@ def test_replacing_a_slot_changes_only_its_rows_and_does_not_retrace(donate):
     assert fwd._cache_size() == 1
 
     by_weights = jax.jit(
-        lambda w, ids: jaxlora.forward_mixed(MODEL, X, jaxlora.StackedBank(w, ()), ids)
+        lambda w, ids: jaxlora.forward(
+            MODEL, X, lora=jaxlora.Routed(jaxlora.StackedBank(w, ()), ids)
+        )
     )
     renamed = replace_slot(swapped, 1, new, name="d", donate=False)
     assert renamed.names == ("a", "d", "c") and renamed.slot("d") == 1

@@ -23,7 +23,7 @@ def test_lora_dense_uses_in_r_and_r_out_orientation(batch_shape):
     a, b = rng.normal(size=(6, 3)).astype(np.float32), rng.normal(size=(3, 4)).astype(np.float32)
     lw = jaxlora.LoraWeights(jnp.asarray(a), jnp.asarray(b), jnp.asarray(0.75))
     assert (lw.in_features, lw.rank, lw.out_features) == (6, 3, 4)
-    y = jaxlora.lora_dense(jnp.asarray(x), jnp.asarray(w), jnp.asarray(c), lw)
+    y = jaxlora.lora_dense(jnp.asarray(x), jnp.asarray(w), jnp.asarray(c), {"p": lw}, "p")
     want = reference.layer_forward(x, w, c, [(a.astype(np.float64), b.astype(np.float64), 0.75)])
     assert y.shape == (*batch_shape, 4)
     assert reference.allclose(y, want, "float32")[0]
@@ -78,13 +78,13 @@ def test_init_adapter_targets_ranks_and_is_a_no_op():
     assert all(not np.any(np.asarray(w.b)) and np.any(np.asarray(w.a)) for w in ad.values())
     x = jnp.ones((2, 4))
     base = np.asarray(jaxlora.forward(model, x))
-    assert np.array_equal(np.asarray(jaxlora.forward(model, x, (ad,))), base)
+    assert np.array_equal(np.asarray(jaxlora.forward(model, x, lora=ad)), base)
     live = jaxlora.init_adapter(
         jax.random.key(1),
         jaxlora.LoraConfig(r=2, target_modules="head", init_lora_weights=False),
         shapes,
     )
-    assert not np.allclose(np.asarray(jaxlora.forward(model, x, (live,))), base)
+    assert not np.allclose(np.asarray(jaxlora.forward(model, x, lora=live)), base)
 
 
 @pytest.mark.clause("SW-CONFIG-1")

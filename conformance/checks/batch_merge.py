@@ -11,11 +11,20 @@ from hypothesis import strategies as st
 
 from jaxlora import reference
 
-from ..compare import expect_close, expect_equal, expect_error, load, oracle, snapshot, unchanged
-from ..registry import clause
+from ..compare import (
+    blame,
+    expect_close,
+    expect_equal,
+    expect_error,
+    load,
+    oracle,
+    snapshot,
+    unchanged,
+)
+from ..registry import clause, expect
 from ..strategies import RANKS, Scenario, scenarios
 
-_WEIGHTS = (1.0, 0.5, -1.0, 2.0)
+_WEIGHTS = (1.0, 0.5, -1.0, 2.0, 0.0)
 
 
 @st.composite
@@ -29,7 +38,7 @@ def _mixed_cases(draw, driver):
     return sc, rows
 
 
-@clause("SW-MIXED-1", needs={"mixed"}, cases=lambda d: _mixed_cases(d))
+@clause("SW-MIXED-1", needs={"mixed"}, owns="mixed", cases=lambda d: _mixed_cases(d))
 def check_mixed_rows(driver, case) -> None:
     """SW-MIXED-1: row i of a mixed batch is row i alone under its own adapter (or none)."""
     sc, rows = case
@@ -53,9 +62,18 @@ def check_mixed_errors(driver, sc: Scenario) -> None:
     too_many = lambda: driver.forward_mixed(x, [*rows, None])  # noqa: E731
     expect_error("SW-MIXED-2", driver, too_many, f"{len(x) + 1} names for {len(x)} rows")
     unknown = lambda: driver.forward_mixed(x, [*rows[:-1], "no_such_adapter"])  # noqa: E731
-    expect_error("SW-MIXED-2", driver, unknown, "an unknown row name", ["no_such_adapter"])
-    driver.forward_mixed(x, [None] * len(x))
-    expect_equal("SW-MIXED-2", driver.forward(x), y, "active set after mixed calls")
+    error = expect_error("SW-MIXED-2", driver, unknown, "an unknown row name", ["no_such_adapter"])
+    with blame("SW-MIXED-2", "a mixed batch after the refused ones"):
+        driver.forward_mixed(x, [None] * len(x))
+        after = driver.forward(x)
+    expect_equal("SW-MIXED-2", after, y, "active set after mixed calls")
+    for name in sc.names():  # last: SW-MIXED-2 is this check's clause
+        expect(
+            "SW-ACTIVE-3",
+            name in str(error),
+            f"routing a row to an unknown adapter: the error does not list the existing {name!r}: "
+            f"{type(error).__name__}: {str(error)[:300]}",
+        )
 
 
 def _active(driver, sc: Scenario) -> list[str]:
@@ -66,7 +84,9 @@ def _activate(driver, names: list[str]) -> None:
     driver.set_active(names if len(names) > 1 else names[0])
 
 
-@clause("SW-MERGE-1", needs={"merge"}, cases=lambda d: scenarios(d, n_adapters=(1, 2)))
+@clause(
+    "SW-MERGE-1", needs={"merge"}, owns="merge", cases=lambda d: scenarios(d, n_adapters=(1, 2))
+)
 def check_merge(driver, sc: Scenario) -> None:
     """SW-MERGE-1: merged kernels are W + sum s_i A_i B_i; merged model == active adapters."""
     adapters = load(driver, sc)
@@ -169,7 +189,7 @@ def _check_combination(driver, sc, weights, method, want_adapter, clause_id, svd
     expect_close(clause_id, driver.forward(x), want, sc.dtype, f"{method} of {names} x {weights}")
 
 
-@clause("SW-COMBINE-1", needs={"combine_cat"}, cases=_weighted)
+@clause("SW-COMBINE-1", needs={"combine_cat"}, owns="combine_cat", cases=_weighted)
 def check_combine_cat(driver, case) -> None:
     """SW-COMBINE-1: `cat` is exact: A B = sum_i w_i s_i A_i B_i."""
     sc, weights = case
@@ -227,9 +247,12 @@ def check_several_equals_cat(driver, sc: Scenario) -> None:
     x, pair = sc.x(), sc.names()[:2]
     driver.set_active(pair)
     y_several = driver.forward(x)
+    want = oracle(sc.layers(), x, [adapters[n] for n in pair])
+    expect_close("SW-FORWARD-1", y_several, want, sc.dtype, f"{pair} active")
     driver.combine("both", pair, [1.0, 1.0], "cat")
     driver.set_active("both")
     y_cat = driver.forward(x)
+    cat = reference.combine_cat([adapters[n] for n in pair], [1.0, 1.0])
+    expect_close("SW-COMBINE-1", y_cat, oracle(sc.layers(), x, [cat]), sc.dtype, f"cat{pair}")
     expect_close("SW-COMBINE-4", y_cat, y_several, sc.dtype, f"cat{pair} vs active {pair}")
-    want = oracle(sc.layers(), x, [adapters[n] for n in pair])
     expect_close("SW-COMBINE-4", y_cat, want, sc.dtype, f"cat{pair} vs the oracle")

@@ -15,7 +15,19 @@ from jaxlora import reference
 
 from ..compare import expect_close, expect_equal, expect_error, load, oracle
 from ..registry import clause, expect
-from ..strategies import Scenario, layer_paths, round_to, scenarios, supported_dtypes, target_rules
+from ..strategies import (
+    SIMPLE_PRESETS,
+    AdapterSpec,
+    Scenario,
+    on,
+    precise_dtype,
+    round_to,
+    scenarios,
+    supported_dtypes,
+)
+from ..world import LAYOUT_PRESETS, free_layouts, target_names, target_regexes
+
+_SIMPLE = st.sampled_from(SIMPLE_PRESETS)
 
 
 def _single(driver, sc: Scenario, clause_id: str, what: str) -> None:
@@ -30,7 +42,8 @@ def _single(driver, sc: Scenario, clause_id: str, what: str) -> None:
 
 @clause(
     "SW-SCALE-1",
-    cases=lambda d: scenarios(d, rslora=False, patterns=False),
+    owns="scaled",
+    cases=lambda d: scenarios(d, rslora=False, patterns=False, layout=_SIMPLE),
 )
 def check_default_scale(driver, sc: Scenario) -> None:
     """SW-SCALE-1: without rsLoRA the delta is scaled by alpha / r."""
@@ -40,53 +53,112 @@ def check_default_scale(driver, sc: Scenario) -> None:
 @clause(
     "SW-SCALE-2",
     needs={"rslora"},
-    cases=lambda d: scenarios(d, rslora=True, patterns=False, ranks=(2, 4)),
+    owns="rslora",
+    cases=lambda d: scenarios(d, rslora=True, patterns=False, ranks=(2, 4), layout=_SIMPLE),
 )
 def check_rslora_scale(driver, sc: Scenario) -> None:
     """SW-SCALE-2: with rsLoRA the delta is scaled by alpha / sqrt(r)."""
     _single(driver, sc, "SW-SCALE-2", "forward with rsLoRA alpha/sqrt(r) scaling")
 
 
-@clause("SW-SCALE-3", needs={"patterns"}, cases=lambda d: scenarios(d, patterns=True))
+def _pattern_examples(driver) -> list[Scenario]:
+    """Known hard cases of SW-SCALE-3: a key that only ends the path as a string (`1.q` vs
+    `layers.11.q`), two keys matching one path in both orders, an unescaped dot, a regex key."""
+    if "patterns" not in driver.capabilities or not on(driver, "layouts"):
+        return []
+    layout = LAYOUT_PRESETS[2]  # layers.1.q, layers.11.q, layers.1.xq, head
+    dtype = precise_dtype(driver)
+
+    def case(rank_pattern, alpha_pattern=(), rslora=False):
+        spec = AdapterSpec(2, 8.0, (0, 1, 2, 3), rslora, rank_pattern, alpha_pattern)
+        return Scenario(layout, (spec,), batch=1, dtype=dtype, seed=1)
+
+    return [
+        case((("1.q", 4),), (("q", 3.0),)),
+        case((("q", 1), ("11.q", 4)), (("layers.11.q", 16.0), ("q", 2.0))),
+        case((("11.q", 4), ("q", 1)), (("q", 2.0), ("layers.11.q", 16.0))),
+        case((("1.xq", 1),), (("xq|head", 1.0), (r"layers\.1\.q", 3.0))),
+        case((("head", 4),), rslora="rslora" in driver.capabilities),  # resolved r in sqrt(r)
+    ]
+
+
+@clause(
+    "SW-SCALE-3",
+    needs={"patterns"},
+    owns="patterns",
+    cases=lambda d: scenarios(d, patterns=True),
+    examples=_pattern_examples,
+)
 def check_rank_alpha_patterns(driver, sc: Scenario) -> None:
     """SW-SCALE-3: rank_pattern / alpha_pattern (first matching key) set r and alpha per layer."""
     _single(driver, sc, "SW-SCALE-3", "forward with rank/alpha patterns")
 
 
 @st.composite
-def _target_cases(draw):
-    paths = layer_paths(draw(st.integers(2, 4)))
-    exclude = draw(
-        st.one_of(st.none(), st.lists(st.sampled_from(["q", "o", "blocks.0.q"]), max_size=1))
+def _target_cases(draw, driver):
+    layout = draw(st.one_of(st.sampled_from(LAYOUT_PRESETS), free_layouts()))
+    paths = list(layout.paths if on(driver, "layouts") else SIMPLE_PRESETS[1].paths)
+    names = target_names(paths)
+    rules = st.one_of(
+        st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True),
+        st.sampled_from(target_regexes(paths)),
     )
-    return paths, draw(target_rules()), exclude or None
+    exclude = st.one_of(
+        st.none(),
+        st.lists(st.sampled_from(names), min_size=1, max_size=1),
+        st.sampled_from(target_regexes(paths)[1:-1]),
+    )
+    return paths, draw(rules), draw(exclude)
 
 
-@clause("SW-TARGET-1", needs={"target_selection"}, cases=lambda d: _target_cases())
+def _target_examples(driver) -> list:
+    paths = ["layers.1.q", "layers.11.q", "layers.1.xq", "model.layers.1.q"]
+    return [
+        (paths, ["1.q"], None),  # ends "layers.11.q" as a string, not after a dot
+        (paths, r"layers\.1", None),  # re.match-es a prefix, fullmatch-es nothing: an error
+        (paths, ["layers.1.q"], ["q"]),  # the exclusion removes every target: an error
+        (paths, ["q", "xq"], r"model\..*"),
+        (paths, "ALL-LINEAR", None),  # a regex, not the "all-linear" shorthand
+    ]
+
+
+@clause(
+    "SW-TARGET-1",
+    needs={"target_selection"},
+    cases=lambda d: _target_cases(d),
+    examples=_target_examples,
+)
 def check_target_selection(driver, case) -> None:
     """SW-TARGET-1: list/regex/"all-linear" target rules and exclusions; no match is an error."""
     paths, rule, exclude = case
     want = reference.targets(rule, paths, exclude)
+    what = f"target_modules={rule!r}, exclude_modules={exclude!r} over {paths}"
     if not want:
-        expect_error(
-            "SW-TARGET-1",
-            driver,
-            lambda: driver.select_targets(paths, rule, exclude),
-            f"target_modules={rule!r} matching no layer",
-        )
+        call = lambda: driver.select_targets(paths, rule, exclude)  # noqa: E731
+        expect_error("SW-TARGET-1", driver, call, f"{what} (matching no layer)")
         return
     got = list(driver.select_targets(paths, rule, exclude))
-    expect("SW-TARGET-1", sorted(got) == sorted(want), f"targets {got}, spec says {want}")
+    expect("SW-TARGET-1", sorted(got) == sorted(want), f"{what}: targets {got}, spec says {want}")
+
+
+@clause(
+    "SW-MODEL-1",
+    owns="layouts",
+    cases=lambda d: scenarios(d, patterns=False),
+)
+def check_model_paths(driver, sc: Scenario) -> None:
+    """SW-MODEL-1: models of 1 to 8 layers whose dotted paths nest and collide (suffixes,
+    numbers that prefix others); an adapter on some of them changes exactly those."""
+    _single(driver, sc, "SW-MODEL-1", f"forward of a model with paths {sc.layout.paths}")
 
 
 @clause(
     "SW-FORWARD-1",
     "SW-NOTATION-1",
-    "SW-MODEL-1",
     cases=lambda d: scenarios(d),
 )
 def check_forward_single(driver, sc: Scenario) -> None:
-    """SW-FORWARD-1, SW-NOTATION-1, SW-MODEL-1: one active adapter on non-square layers."""
+    """SW-FORWARD-1, SW-NOTATION-1: one active adapter on non-square layers."""
     _single(driver, sc, "SW-FORWARD-1", "forward with one active adapter")
 
 
@@ -94,6 +166,7 @@ def check_forward_single(driver, sc: Scenario) -> None:
     "SW-FORWARD-1",
     "SW-ACTIVE-1",
     needs={"multi_active"},
+    owns="multi_active",
     cases=lambda d: scenarios(d, n_adapters=(2, 3)),
 )
 def check_forward_several(driver, sc: Scenario) -> None:

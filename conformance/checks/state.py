@@ -11,9 +11,12 @@ import dataclasses
 import numpy as np
 from hypothesis import strategies as st
 
+from jaxlora import reference
+
 from ..compare import expect_close, expect_equal, expect_error, load, oracle, snapshot, unchanged
 from ..registry import clause
-from ..strategies import Scenario, scenarios
+from ..strategies import SIMPLE_PRESETS, AdapterSpec, Scenario, on, precise_dtype, scenarios
+from ..world import adapter_names
 
 _MISSING = "no_such_adapter"
 
@@ -25,7 +28,7 @@ def check_none_is_base(driver, sc: Scenario) -> None:
     driver.build(layers, sc.dtype)
     x = sc.x()
     base = driver.forward(x)
-    expect_close("SW-ACTIVE-2", base, oracle(layers, x, []), sc.dtype, "base model")
+    expect_close("SW-MODEL-1", base, oracle(layers, x, []), sc.dtype, "base model")
     for name, adapter in sc.adapters_by_name().items():
         driver.add_adapter(name, adapter)
     expect_equal("SW-ACTIVE-2", driver.forward(x), base, "adapters added, none active")
@@ -147,6 +150,63 @@ def check_add(driver, sc: Scenario) -> None:
     expect_equal("SW-BANK-1", driver.forward(x), y, "'a0' re-activated after the refused add")
 
 
+@st.composite
+def _named_cases(draw, driver):
+    n = draw(st.integers(2, 3))
+    simple = st.sampled_from(SIMPLE_PRESETS)
+    sc = draw(scenarios(driver, n_adapters=(n, n), patterns=False, layout=simple, batches=(4,)))
+    names = draw(adapter_names(n)) if on(driver, "names") else tuple(sc.names())
+    return sc, names
+
+
+def _name_examples(driver) -> list:
+    if not on(driver, "names"):
+        return []
+    sc = Scenario(
+        SIMPLE_PRESETS[0], (AdapterSpec(1, 2.0, (0, 1)),) * 3, 4, precise_dtype(driver), 0
+    )
+    return [(sc, ("my.adapter", "a b", "0")), (sc, ("default", "__base__", "pop"))]
+
+
+@clause("SW-BANK-1", owns="names", cases=lambda d: _named_cases(d), examples=_name_examples)
+def check_adapter_names(driver, case) -> None:
+    """SW-BANK-1: any new name makes the adapter available, not only identifiers: names with
+    dots, spaces, digits first, non-ASCII letters, or words a library might reserve (`default`,
+    `__base__`, `pop`) work in add, activate, mixed rows, duplicate refusal and delete."""
+    sc, names = case
+    layers, x = sc.layers(), sc.x()
+    driver.build(layers, sc.dtype)
+    adapters = dict(zip(names, sc.adapters_by_name().values(), strict=True))
+    for name, adapter in adapters.items():
+        driver.add_adapter(name, adapter)
+    expect_close("SW-BANK-1", driver.forward(x), oracle(layers, x, []), sc.dtype, "none active")
+    for name in names:
+        driver.set_active(name)
+        want = oracle(layers, x, [adapters[name]])
+        expect_close("SW-BANK-1", driver.forward(x), want, sc.dtype, f"adapter {name!r} active")
+    if "multi_active" in driver.capabilities:
+        driver.set_active(list(names))
+        want = oracle(layers, x, list(adapters.values()))
+        expect_close("SW-BANK-1", driver.forward(x), want, sc.dtype, f"{list(names)} active")
+    if "mixed" in driver.capabilities:
+        rows = [names[i % len(names)] if i % 3 != 2 else None for i in range(len(x))]
+        want = reference.mixed_forward(
+            layers, x, [None if r is None else adapters[r] for r in rows], np.float64
+        )
+        got = driver.forward_mixed(x, rows)
+        expect_close("SW-BANK-1", got, want, sc.dtype, f"mixed rows {rows}")
+    call = lambda: driver.add_adapter(names[0], adapters[names[1]])  # noqa: E731
+    expect_error("SW-BANK-1", driver, call, f"adding {names[0]!r} twice", [names[0]])
+    call = lambda: driver.set_active(_MISSING)  # noqa: E731
+    expect_error("SW-ACTIVE-3", driver, call, "activating an unknown name", [_MISSING, *names])
+    driver.delete_adapter(names[0])
+    call = lambda: driver.set_active(names[0])  # noqa: E731
+    expect_error("SW-BANK-2", driver, call, f"activating the deleted {names[0]!r}", [names[0]])
+    driver.set_active(names[1])
+    want = oracle(layers, x, [adapters[names[1]]])
+    expect_close("SW-BANK-1", driver.forward(x), want, sc.dtype, f"{names[1]!r} after a delete")
+
+
 @clause("SW-BANK-2", cases=lambda d: scenarios(d, n_adapters=(2, 3)))
 def check_delete(driver, sc: Scenario) -> None:
     """SW-BANK-2: deleting removes the adapter and takes it out of the active set; deleting an
@@ -216,12 +276,16 @@ def check_errors_change_nothing(driver, sc: Scenario) -> None:
     given = snapshot([adapters, bad_path, bad_shape, x])
     probes = [
         ("activate an unknown name", lambda: driver.set_active(_MISSING), [_MISSING]),
-        ("delete an unknown name", lambda: driver.delete_adapter(_MISSING), [_MISSING]),
+        (
+            "delete an unknown name",
+            lambda: driver.delete_adapter(_MISSING),
+            [_MISSING, *adapters],
+        ),
         ("add an existing name", lambda: driver.add_adapter("a0", a0), ["a0"]),
         (
             "add an adapter for a missing layer",
             lambda: driver.add_adapter("z", bad_path),
-            ["blocks.9.q"],
+            ["blocks.9.q", *(p for p, _, _ in layers)],
         ),
         ("add A with the wrong input size", lambda: driver.add_adapter("z", bad_shape), [path]),
     ]
@@ -239,20 +303,27 @@ def check_errors_change_nothing(driver, sc: Scenario) -> None:
 @st.composite
 def _misfit_cases(draw, driver):
     return draw(scenarios(driver)), draw(
-        st.sampled_from(("missing layer", "wrong in", "wrong out"))
+        st.sampled_from(("missing layer", "a suffix of a layer's path", "wrong in", "wrong out"))
     )
 
 
 @clause("SW-TARGET-2", cases=lambda d: _misfit_cases(d))
 def check_adapter_must_fit(driver, case) -> None:
-    """SW-TARGET-2: an adapter for a missing layer or with misfit A/B is rejected (at add, or at
-    the latest at forward), naming the path; never silently skipped."""
+    """SW-TARGET-2: an adapter for a missing layer (also the last segment of an existing path)
+    or with misfit A/B is rejected (at add, or at the latest at forward), naming the path and,
+    for a missing one, the layers that exist; never silently skipped."""
     sc, kind = case
     load(driver, sc, names=[])
     good = sc.adapter(0)
     path, (a, b) = next(iter(good.weights.items()))
+    existing = [p for p, _, _ in sc.layers()]
+    mentions = [path]
     if kind == "missing layer":
         path, weights = "blocks.9.q", (a, b)
+    elif kind == "a suffix of a layer's path":
+        path, weights = path.split(".")[-1], (a, b)
+        if path in existing:
+            return
     elif kind == "wrong in":
         weights = (np.vstack([a, a[:1]]), b)
     else:
@@ -264,12 +335,18 @@ def check_adapter_must_fit(driver, case) -> None:
         driver.set_active("misfit")
         driver.forward(sc.x())
 
-    expect_error("SW-TARGET-2", driver, use, f"an adapter with {kind} at {path!r}", [path])
+    if path not in existing:  # the error also lists the layers that exist
+        mentions = [path, *existing]
+    expect_error("SW-TARGET-2", driver, use, f"an adapter with {kind} at {path!r}", mentions)
 
 
 _BAD_CONFIGS = (
     ("lora_alpha", {"lora_alpha": float("nan")}),
     ("lora_alpha", {"lora_alpha": float("inf")}),
+    ("alpha_pattern", {"alpha_pattern": {"q": float("-inf")}}),
+    ("r", {"r": 0}),
+    ("r", {"r": -2}),
+    ("rank_pattern", {"rank_pattern": {"q": 0}}),
     ("rank_pattern", {"rank_pattern": {"q[": 1}}),
     ("alpha_pattern", {"alpha_pattern": {"(": 1.0}}),
 )
@@ -280,7 +357,8 @@ _BAD_CONFIGS = (
     cases=lambda d: st.tuples(scenarios(d, patterns=False), st.sampled_from(_BAD_CONFIGS)),
 )
 def check_invalid_config(driver, case) -> None:
-    """SW-CONFIG-1: a non-finite alpha or an invalid pattern regex is refused, naming the field."""
+    """SW-CONFIG-1: a rank <= 0, a non-finite alpha (also in `rank_pattern` / `alpha_pattern`)
+    or an invalid pattern regex is refused, naming the field."""
     sc, (field, change) = case
     if "pattern" in field and "patterns" not in driver.capabilities:
         return

@@ -94,10 +94,19 @@ class TorchChain(nn.Module):
         return h
 
 
-def peft_lora_config(adapter: RefAdapter) -> peft.LoraConfig:
+def _targets(paths: list[str], model_paths: Sequence[str]) -> list[str] | str:
+    """`target_modules` for exactly `paths`: the list of paths (PEFT's usual form), unless
+    another layer's path ends in "." + one of them (the list rule would target it too,
+    SW-TARGET-1); then one regex that fullmatch-es exactly these paths."""
+    collide = any(q != p and q.endswith("." + p) for p in paths for q in model_paths)
+    return "|".join(re.escape(p) for p in paths) if collide else paths
+
+
+def peft_lora_config(adapter: RefAdapter, model_paths: Sequence[str] = ()) -> peft.LoraConfig:
     """The PEFT `LoraConfig` that gives every layer of `adapter` its rank and scale.
 
-    A combination result (`fixed_scale`) becomes exact per-path rank/alpha patterns.
+    The adapter targets exactly the paths it has weights for among the model's `model_paths`.
+    A combination result (`fixed_scale`) becomes per-path rank/alpha patterns.
     """
     paths = list(adapter.weights)
     if adapter.fixed_scale is None:
@@ -113,7 +122,7 @@ def peft_lora_config(adapter: RefAdapter) -> peft.LoraConfig:
         use_rslora=rslora,
         rank_pattern=ranks,
         alpha_pattern=alphas,
-        target_modules=paths,
+        target_modules=_targets(paths, model_paths),
         lora_dropout=0.0,
         init_lora_weights=False,
     )
@@ -177,7 +186,7 @@ class PeftDriver:
 
     def add_adapter(self, name: str, adapter: RefAdapter) -> None:
         self._check_shapes(name, adapter)
-        config = peft_lora_config(adapter)
+        config = peft_lora_config(adapter, list(self._layer_shapes))
         if self._model is None:
             self._model = peft.get_peft_model(self._base, config, adapter_name=name).eval()
         else:

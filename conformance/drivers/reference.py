@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ __all__ = ["ReferenceDriver", "normalize_active"]
 _COMBINERS = {
     "cat": lambda ads, ws, k: reference.combine_cat(ads, ws),
     "linear": lambda ads, ws, k: reference.combine_linear(ads, ws),
-    "svd": reference.combine_svd,
+    "svd": lambda ads, ws, k: reference.combine_svd(ads, ws, k),
 }
 
 
@@ -145,12 +144,18 @@ class ReferenceDriver:
                     f"adapter {name!r}, layer {path!r}: a{np.shape(a)} b{np.shape(b)} do not fit "
                     f"the kernel {shapes[path]}."
                 )
-        own = copy.deepcopy(adapter)
-        own.weights = {
-            p: (np.array(a, self._dtype), np.array(b, self._dtype))
-            for p, (a, b) in adapter.weights.items()
-        }
-        self._adapters[name] = own
+        self._adapters[name] = RefAdapter(  # this module's RefAdapter: its own scaling rules
+            r=adapter.r,
+            lora_alpha=adapter.lora_alpha,
+            weights={
+                p: (np.array(a, self._dtype), np.array(b, self._dtype))
+                for p, (a, b) in adapter.weights.items()
+            },
+            use_rslora=adapter.use_rslora,
+            rank_pattern=dict(adapter.rank_pattern),
+            alpha_pattern=dict(adapter.alpha_pattern),
+            fixed_scale=adapter.fixed_scale,
+        )
 
     def delete_adapter(self, name: str) -> None:
         normalize_active(name, list(self._adapters))

@@ -1,13 +1,15 @@
 """`jaxlora demo`: one batch whose rows use different PEFT adapters on a tiny Llama.
 
 On first use it writes, into a cache directory (`$JAXLORA_CACHE`, default
-`~/.cache/jaxlora/demo`), a tiny random Llama checkpoint (transformers `save_pretrained`) and a
-PEFT directory with 4 adapters (different ranks, targets, rsLoRA, rank/alpha patterns); later runs
-reuse them. Then it generates one mixed batch (rows on different adapters and on the base), checks
-every row against the same row generated alone with `jaxlora.select` (spec SW-CLI-1), prints a
-table, tokens/s and the decode-step compiles the two mixed batches added (1 in a fresh process, 0
-if the step was already compiled; the second batch, a new adapter assignment, must add none), and
-exits 1 on any mismatch or recompilation; `--max-new-tokens` below 2 exits 2.
+`~/.cache/jaxlora/demo`), a tiny random Llama checkpoint (`jaxlora.models.save_llama`: the files
+transformers' `save_pretrained` writes) and a PEFT directory with 4 adapters (different ranks,
+targets, rsLoRA, rank/alpha patterns; `jaxlora.io.save_peft`); later runs reuse them. Only the
+package's own dependencies are needed: no torch, transformers or peft. Then it generates one
+mixed batch (rows on different adapters and on the base), checks every row against the same row
+generated alone with `jaxlora.select` (spec SW-CLI-1), prints a table, tokens/s and the
+decode-step compiles the two mixed batches added (1 in a fresh process, 0 if the step was
+already compiled; the second batch, a new adapter assignment, must add none), and exits 1 on any
+mismatch or recompilation; `--max-new-tokens` below 2 exits 2.
 
 Example:
     $ jaxlora demo
@@ -18,39 +20,41 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "DEMO_ADAPTERS",
-    "DEMO_MODEL",
+    "DEMO_CONFIG",
+    "DEMO_TOKENS",
     "add_arguments",
     "cache_dir",
+    "demo_bank",
+    "demo_model",
     "ensure_demo_files",
     "run",
-    "write_llama_checkpoint",
-    "write_peft_adapters",
 ]
 
-#: The tiny Llama the demo builds (transformers.LlamaConfig fields): GQA, odd head count.
-DEMO_MODEL: dict[str, Any] = {
+#: The tiny Llama the demo builds (`jaxlora.models.LlamaConfig` fields): GQA, odd head count.
+DEMO_CONFIG: dict[str, Any] = {
     "vocab_size": 128,
     "hidden_size": 48,
     "intermediate_size": 96,
     "num_hidden_layers": 2,
     "num_attention_heads": 6,
     "num_key_value_heads": 2,
-    "initializer_range": 0.2,
-    "tie_word_embeddings": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": 0,
+    "head_dim": 8,
 }
 
-#: The demo's adapters (peft.LoraConfig fields); the first is PEFT's "default".
+#: Special token ids written to the checkpoint's config.json (`eos_token_id` stops generation).
+DEMO_TOKENS: dict[str, int] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+#: Standard deviation of the random weights (norm weights: 1 + this * N(0, 1)); large enough
+#: that greedy tokens are far from ties.
+DEMO_INIT_STD = 0.2
+
+#: The demo's adapters (`jaxlora.LoraConfig` / PEFT field names); the first is "default".
 DEMO_ADAPTERS: dict[str, dict[str, Any]] = {
     "default": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
     "wide-rs": {"r": 8, "lora_alpha": 4, "use_rslora": True, "target_modules": "all-linear"},
@@ -75,67 +79,62 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "jaxlora" / "demo"
 
 
-def _atomic_dir(target: Path, write) -> None:
-    """Write a directory under a temporary name, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def demo_model(seed: int = 0):
+    """The demo's random float32 `jaxlora.models.Llama` (`DEMO_CONFIG`, `DEMO_INIT_STD`).
 
-
-def write_llama_checkpoint(directory: str | os.PathLike, seed: int = 0, **config: Any):
-    """Save a random `transformers` Llama (`save_pretrained`); returns the torch model.
-
-    Norm weights get random offsets, so the test of them is not vacuous.
+    Example:
+        >>> demo_model().lora_shapes()["model.layers.0.self_attn.k_proj"]
+        (48, 16)
     """
-    import torch
-    import transformers
+    import numpy as np
 
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(0.2 * torch.randn_like(param))
-    model.save_pretrained(directory)
-    return model
+    from jaxlora.models import Llama, LlamaConfig
+    from jaxlora.models.llama import expected_tensor_shapes
+
+    config = LlamaConfig(**DEMO_CONFIG)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in expected_tensor_shapes(config).items():
+        value = DEMO_INIT_STD * rng.standard_normal(shape) + float(name.endswith("norm.weight"))
+        tensors[name] = value.astype(np.float32)
+    return Llama(config, tensors)
 
 
-def write_peft_adapters(base, directory, adapters: dict[str, dict[str, Any]], seed: int = 0):
-    """Wrap `base` with PEFT adapters (random A and B) and `save_pretrained` them.
+def demo_bank(layer_shapes: dict[str, tuple[int, int]], seed: int = 1):
+    """The `DEMO_ADAPTERS` as an `AdapterBank`, random A and B (`jaxlora.init_adapter`).
 
-    Returns the `PeftModel`; the first adapter must be named "default" (saved in the root).
+    Example:
+        >>> bank = demo_bank(demo_model().lora_shapes())
+        >>> bank.names, bank["mlp-only"]["model.layers.1.mlp.down_proj"].rank
+        (('default', 'wide-rs', 'mlp-only', 'attn-pattern'), 2)
     """
-    import peft
-    import torch
+    import jax
 
-    torch.manual_seed(seed)
-    names = list(adapters)
-    first = peft.LoraConfig(init_lora_weights=False, **adapters[names[0]])
-    model = peft.get_peft_model(base, first, adapter_name=names[0])
-    for name in names[1:]:
-        model.add_adapter(name, peft.LoraConfig(init_lora_weights=False, **adapters[name]))
-    model.eval()
-    model.save_pretrained(directory)
-    return model
+    import jaxlora
+
+    bank = jaxlora.AdapterBank()
+    for i, (name, fields) in enumerate(DEMO_ADAPTERS.items()):
+        config = jaxlora.LoraConfig(init_lora_weights=False, **fields)
+        key = jax.random.fold_in(jax.random.key(seed), i)
+        bank = bank.add(name, jaxlora.init_adapter(key, config, layer_shapes))
+    return bank
 
 
 def ensure_demo_files(root: Path) -> tuple[Path, Path]:
-    """Create (once) the demo checkpoint and adapters under `root`; returns their directories."""
+    """Create (once) the demo checkpoint and adapters under `root`; returns their directories.
+
+    Both are written atomically (a run interrupted while writing leaves nothing half-written).
+    """
+    import jaxlora
+    from jaxlora.models import read_config
+    from jaxlora.models.checkpoint import save_llama
+
     model_dir, adapter_dir = root / "llama", root / "adapters"
-    if not (model_dir / "config.json").is_file():
-        _atomic_dir(model_dir, lambda d: write_llama_checkpoint(d, seed=0, **DEMO_MODEL))
-    if not (adapter_dir / "adapter_config.json").is_file():
-        import transformers
-
-        def write(d: Path) -> None:
-            base = transformers.LlamaForCausalLM.from_pretrained(model_dir)
-            write_peft_adapters(base, d, DEMO_ADAPTERS, seed=1)
-
-        _atomic_dir(adapter_dir, write)
+    if not (model_dir / jaxlora.io.MODEL_CONFIG_NAME).is_file():
+        save_llama(model_dir, demo_model(seed=0), config_fields=DEMO_TOKENS)
+    if not (adapter_dir / jaxlora.io.ADAPTER_CONFIG_NAME).is_file():
+        shapes = read_config(model_dir).linear_shapes()
+        jaxlora.io.save_peft(adapter_dir, demo_bank(shapes, seed=1))
     return model_dir, adapter_dir
 
 
@@ -165,6 +164,7 @@ def _rows() -> tuple[list[list[int]], list[str | None]]:
 
 def run(args: argparse.Namespace) -> int:
     import jaxlora
+    from jaxlora.errors import JaxLoraError
     from jaxlora.generate import compile_counts, generate
     from jaxlora.models import load_llama
 
@@ -176,21 +176,33 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     root = args.cache_dir or cache_dir()
-    model_dir, adapter_dir = ensure_demo_files(root)
+    try:
+        model_dir, adapter_dir = ensure_demo_files(root)
+    except (JaxLoraError, OSError) as err:
+        print(
+            f"jaxlora demo: error: cannot write the demo files under {root}: {err} "
+            "Point --cache-dir or $JAXLORA_CACHE at a new or empty directory.",
+            file=sys.stderr,
+        )
+        return 2
     model = load_llama(model_dir)
     bank = jaxlora.io.load_peft(adapter_dir, layer_shapes=model.lora_shapes())
     stacked = jaxlora.stack(jaxlora.conform(bank))
     prompts, adapters = _rows()
     n = args.max_new_tokens
-    stop = [DEMO_MODEL["eos_token_id"]]
+    stop = [DEMO_TOKENS["eos_token_id"]]
     before = compile_counts()["decode"]
-    mixed = generate(model, stacked, prompts, adapters, max_new_tokens=n, stop_tokens=stop)
+    mixed = generate(
+        model, prompts, lora=stacked.route(adapters), max_new_tokens=n, stop_tokens=stop
+    )
     # Differences of the cache size, not its absolute value: the first batch compiles the step
     # once, or not at all when this process already compiled it for these shapes.
     first = compile_counts()["decode"] - before
     # The same rows with the adapters rotated: a new assignment, which must not recompile.
     rotated = adapters[1:] + adapters[:1]
-    again = generate(model, stacked, prompts, rotated, max_new_tokens=n, stop_tokens=stop)
+    again = generate(
+        model, prompts, lora=stacked.route(rotated), max_new_tokens=n, stop_tokens=stop
+    )
     second = compile_counts()["decode"] - before - first
     compiles = first + second
     conformed = jaxlora.conform(bank)
@@ -198,9 +210,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'row':>3}  {'adapter':<13} {'prompt':<26} {'generated':<48} alone")
     ok = True
     for i, (prompt, name, row) in enumerate(zip(prompts, adapters, mixed.rows(), strict=True)):
-        alone = generate(
-            model, conformed, [prompt], name, max_new_tokens=n, stop_tokens=stop
-        ).rows()[0]
+        single = jaxlora.select(conformed, name)
+        alone = generate(model, [prompt], lora=single, max_new_tokens=n, stop_tokens=stop)
+        alone = alone.rows()[0]
         same = alone == row
         ok &= same
         print(

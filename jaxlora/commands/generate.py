@@ -1,10 +1,7 @@
 """`jaxlora generate`: JSONL requests in, JSONL results out, each request on its own adapter.
 
-Each input line is a JSON object: `tokens` (token ids) or `text` (when the checkpoint directory
-has a tokenizer), `adapter` (a name given with `--adapter`, or null/absent for the base model),
-`max_new_tokens` (default `--max-new-tokens`) and an optional `id` copied to the result.
-Requests are batched in input order (`--batch-size` rows per mixed batch); every result line
-holds `index`, `adapter`, `prompt_tokens`, `tokens` (and `text`, `id` when present) (SW-CLI-2).
+The request and result formats are `FORMAT_HELP` (shown by `jaxlora generate --help`).
+Requests are batched in input order (`--batch-size` rows per mixed batch) (spec SW-CLI-2).
 
 Example:
     $ jaxlora generate --model llama/ --adapter chat=adapters/chat --adapter sql=adapters/sql \\
@@ -16,15 +13,35 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ._key_map import add_key_map_argument, key_map_of
 
-__all__ = ["RequestError", "add_arguments", "read_requests", "run"]
+__all__ = ["FORMAT_HELP", "RequestError", "add_arguments", "read_requests", "run"]
+
+#: The JSONL formats, as `--help` shows them.
+FORMAT_HELP = """\
+requests (--requests): one JSON object per line (blank lines are skipped):
+  tokens          list of token ids, e.g. [1, 17, 42]; or
+  text            a string, when the --model directory has a tokenizer
+  adapter         a NAME given with --adapter, or null / absent for the base model
+  max_new_tokens  positive int (default --max-new-tokens)
+  id              any JSON value, copied to the result
+  e.g. {"tokens": [1, 17, 42], "adapter": "chat", "max_new_tokens": 8, "id": "q1"}
+
+results (--out): one JSON object per request, in input order:
+  index           the request's position among the requests (0-based)
+  adapter         the adapter name or null
+  prompt_tokens   the prompt's length in tokens
+  tokens          the generated token ids (at most max_new_tokens; a stop token is kept)
+  text            the decoded tokens (with a tokenizer)
+  id              the request's id (when given)
+  e.g. {"index": 0, "adapter": "chat", "prompt_tokens": 3, "tokens": [5, 9, 2], "id": "q1"}
+
+A malformed line or an unknown adapter exits 2 naming the line; nothing is written then."""
 
 
 class RequestError(ConfigError):
@@ -32,6 +49,8 @@ class RequestError(ConfigError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = FORMAT_HELP
     parser.add_argument("--model", type=Path, required=True, help="Llama checkpoint directory")
     parser.add_argument(
         "--adapter",
@@ -40,8 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=DIR",
         help="a PEFT adapter directory under a name (repeatable)",
     )
-    parser.add_argument("--requests", type=Path, required=True, help="input JSONL file")
-    parser.add_argument("--out", type=Path, required=True, help="output JSONL file")
+    add_key_map_argument(parser)
+    parser.add_argument(
+        "--requests", type=Path, required=True, help="input JSONL file (format below)"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output JSONL file (format below; atomic)"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="rows per mixed batch")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="default per request")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -136,14 +160,25 @@ def read_requests(
     return requests
 
 
+def _shows_progress(total: int, quiet: bool) -> bool:
+    return not quiet and total > 1
+
+
 def _progress(done: int, total: int, quiet: bool) -> None:
-    if quiet or total <= 1:
+    """Redraw the progress line on stderr (no newline: `_end_progress` ends it)."""
+    if not _shows_progress(total, quiet):
         return
     width = 30
     filled = width * done // total
-    end = "\n" if done == total else ""
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} requests{end}")
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} requests")
     sys.stderr.flush()
+
+
+def _end_progress(total: int, quiet: bool) -> None:
+    """End the progress line with a newline, whether the run completed or failed."""
+    if _shows_progress(total, quiet):
+        sys.stderr.write("\n")
+        sys.stderr.flush()
 
 
 def _tokenizer(model_dir: Path):
@@ -157,29 +192,59 @@ def _tokenizer(model_dir: Path):
 def _stop_tokens(model_dir: Path, explicit: list[int] | None) -> list[int]:
     if explicit is not None:
         return explicit
-    eos = json.loads((model_dir / "config.json").read_text()).get("eos_token_id")
+    from jaxlora.io import MODEL_CONFIG_NAME
+
+    eos = json.loads((model_dir / MODEL_CONFIG_NAME).read_text()).get("eos_token_id")
     return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Atomic: a temporary file in the same directory, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """One JSON object per line, written atomically (`jaxlora.io.atomic_write`)."""
+    from jaxlora.io import atomic_write
+
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _generate_all(model, stacked, requests, args, stop, tokenizer) -> list[dict[str, Any]]:
+    """Every request's result, in order, `--batch-size` requests per mixed batch."""
+    import jax
+
+    from jaxlora.generate import generate
+
+    results = []
+    for start in range(0, len(requests), args.batch_size):
+        batch = requests[start : start + args.batch_size]
+        out = generate(
+            model,
+            [r["tokens"] for r in batch],
+            lora=stacked.route([r["adapter"] for r in batch]),
+            max_new_tokens=max(r["max_new_tokens"] for r in batch),
+            temperature=args.temperature,
+            top_k=args.top_k,
+            key=jax.random.fold_in(jax.random.key(args.seed), start),
+            stop_tokens=stop,
+            pad_id=0,
+        )
+        for offset, (req, row) in enumerate(zip(batch, out.rows(), strict=True)):
+            row = row[: req["max_new_tokens"]]
+            result = {
+                "index": start + offset,
+                "adapter": req["adapter"],
+                "prompt_tokens": len(req["tokens"]),
+                "tokens": row,
+            }
+            if tokenizer is not None:
+                result["text"] = tokenizer.decode(row)
+            if "id" in req:
+                result["id"] = req["id"]
+            results.append(result)
+        _progress(len(results), len(requests), args.quiet)
+    return results
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-
     import jaxlora
     from jaxlora.errors import JaxLoraError
-    from jaxlora.generate import generate
     from jaxlora.models import load_llama
 
     try:
@@ -203,44 +268,19 @@ def run(args: argparse.Namespace) -> int:
         bank = jaxlora.AdapterBank()
         for name, directory in named.items():
             adapter, _ = jaxlora.io.load_peft_adapter(
-                directory, layer_shapes=model.lora_shapes(), name=name
+                directory, key_map=key_map_of(args), layer_shapes=model.lora_shapes(), name=name
             )
             bank = bank.add(name, adapter)
         stacked = jaxlora.stack(jaxlora.conform(bank))
         stop = _stop_tokens(args.model, args.stop)
-        results = []
         _progress(0, len(requests), args.quiet)
-        for start in range(0, len(requests), args.batch_size):
-            batch = requests[start : start + args.batch_size]
-            out = generate(
-                model,
-                stacked,
-                [r["tokens"] for r in batch],
-                [r["adapter"] for r in batch],
-                max_new_tokens=max(r["max_new_tokens"] for r in batch),
-                temperature=args.temperature,
-                top_k=args.top_k,
-                key=jax.random.fold_in(jax.random.key(args.seed), start),
-                stop_tokens=stop,
-                pad_id=0,
-            )
-            for offset, (req, row) in enumerate(zip(batch, out.rows(), strict=True)):
-                row = row[: req["max_new_tokens"]]
-                result = {
-                    "index": start + offset,
-                    "adapter": req["adapter"],
-                    "prompt_tokens": len(req["tokens"]),
-                    "tokens": row,
-                }
-                if tokenizer is not None:
-                    result["text"] = tokenizer.decode(row)
-                if "id" in req:
-                    result["id"] = req["id"]
-                results.append(result)
-            _progress(len(results), len(requests), args.quiet)
+        try:
+            results = _generate_all(model, stacked, requests, args, stop, tokenizer)
+        finally:
+            _end_progress(len(requests), args.quiet)
+        _write_jsonl(args.out, results)
     except (RequestError, JaxLoraError, OSError) as err:
         print(f"jaxlora generate: error: {err}", file=sys.stderr)
         return 2
-    _write_jsonl(args.out, results)
     print(f"wrote {len(results)} results to {args.out}")
     return 0

@@ -2,7 +2,8 @@
 
 One row per adapter ("default" in the root, others in sub-directories): targeted module names,
 ranks, alphas and scales (sets over layers), parameter count, dtype and whether it loads (with
-`--model`, whether it fits that checkpoint's projections). Exit status 1 if any adapter fails.
+`--model`, whether it fits that checkpoint's projections, after the `--key-map` renames). Exit
+status 1 if any adapter fails.
 
 Example:
     $ jaxlora inspect ~/.cache/jaxlora/demo/adapters --model ~/.cache/jaxlora/demo/llama
@@ -12,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ._key_map import add_key_map_argument, key_map_of
 
 __all__ = ["adapter_rows", "add_arguments", "format_table", "run"]
 
@@ -28,13 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="a Llama checkpoint directory to check them against",
     )
+    add_key_map_argument(parser)
 
 
 def _values(values: Any) -> str:
     return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in sorted(set(values)))
 
 
-def adapter_rows(directory: Path, layer_shapes: Any = None) -> list[dict[str, str]]:
+def adapter_rows(
+    directory: Path, layer_shapes: Any = None, key_map: Callable[[str], str] | None = None
+) -> list[dict[str, str]]:
     """One dict per adapter, keyed by `COLUMNS`; `loads` is "yes" or "NO: <reason>"."""
     import jaxlora
     from jaxlora.errors import JaxLoraError
@@ -42,11 +49,11 @@ def adapter_rows(directory: Path, layer_shapes: Any = None) -> list[dict[str, st
     rows = []
     for name, path in jaxlora.io.find_adapters(directory).items():
         row = dict.fromkeys(COLUMNS, "-") | {"adapter": name}
-        try:
-            adapter, cfg = jaxlora.io.load_peft_adapter(path, layer_shapes=layer_shapes, name=name)
+        rows.append(row)
+        try:  # keyed by PEFT module path, which the config's patterns resolve against
+            adapter, cfg = jaxlora.io.load_peft_adapter(path, name=name)
         except (JaxLoraError, OSError, ValueError) as err:
             row["loads"] = f"NO: {err}"
-            rows.append(row)
             continue
         row["targets"] = _values(p.rsplit(".", 1)[-1] for p in adapter)
         row["ranks"] = _values(w.rank for w in adapter.values())
@@ -55,7 +62,13 @@ def adapter_rows(directory: Path, layer_shapes: Any = None) -> list[dict[str, st
         row["params"] = str(sum(int(w.a.size + w.b.size) for w in adapter.values()))
         row["dtype"] = _values(str(w.a.dtype) for w in adapter.values())
         row["loads"] = "yes" + (f" ({len(adapter)} layers)" if adapter else "")
-        rows.append(row)
+        if layer_shapes is not None:  # the fit, under the renamed paths
+            try:
+                jaxlora.io.load_peft_adapter(
+                    path, key_map=key_map, layer_shapes=layer_shapes, name=name
+                )
+            except (JaxLoraError, OSError, ValueError) as err:
+                row["loads"] = f"NO: {err}"
     return rows
 
 
@@ -77,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             from jaxlora.models import read_config
 
             layer_shapes = read_config(args.model).linear_shapes()
-        rows = adapter_rows(args.directory, layer_shapes)
+        rows = adapter_rows(args.directory, layer_shapes, key_map_of(args))
     except JaxLoraError as err:
         print(f"jaxlora inspect: error: {err}", file=sys.stderr)
         return 2

@@ -47,7 +47,7 @@ __all__ = ["apply", "dense_layers", "layer_shapes", "with_lora"]
 Array = jax.Array
 
 
-def _spec(path: str, module: nnx.Module, ndim: int | None = None) -> DenseSpec:
+def _spec(path: str, module: nnx.Linear | nnx.LinearGeneral, ndim: int | None = None) -> DenseSpec:
     if isinstance(module, nnx.Linear):
         return DenseSpec(path, "Linear", (int(module.in_features),), (int(module.out_features),))
     in_shape = tuple(int(f) for f in module.in_features)
@@ -63,7 +63,9 @@ def _spec(path: str, module: nnx.Module, ndim: int | None = None) -> DenseSpec:
     return DenseSpec(path, "LinearGeneral", in_shape, out_shape, reason)
 
 
-def _linear_modules(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Module]]:
+def _linear_modules(
+    model: nnx.Module,
+) -> dict[str, tuple[tuple, nnx.Linear | nnx.LinearGeneral]]:
     found = {}
     for path, module in nnx.iter_modules(model):
         if isinstance(module, nnx.Linear | nnx.LinearGeneral):
@@ -84,8 +86,15 @@ def layer_shapes(model: nnx.Module) -> dict[str, tuple[int, int]]:
 class _LoraLayer:
     """Calls the original layer and adds the delta; other attributes read through to it."""
 
-    def __init__(self, base: nnx.Module, path: str, lora: Active | Routed, routing: Routing):
-        self._base, self._path, self._lora, self._routing = base, path, lora, routing
+    def __init__(
+        self,
+        base: nnx.Linear | nnx.LinearGeneral,
+        path: str,
+        lora: Active | Routed,
+        routing: Routing,
+    ):
+        self._base, self._path, self._lora = base, path, lora
+        self._routing: Routing = routing
 
     def __call__(self, x: Array, *args: Any, **kwargs: Any) -> Array:
         y = self._base(x, *args, **kwargs)
@@ -96,7 +105,7 @@ class _LoraLayer:
 
 
 def _set(root: nnx.Module, path: tuple, value: Any) -> None:
-    parent = root
+    parent: Any = root
     for key in path[:-1]:
         parent = parent[key] if isinstance(key, int) else getattr(parent, key)
     key = path[-1]

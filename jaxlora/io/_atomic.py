@@ -159,8 +159,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_tree(tmp)
         _swap_into_place(tmp, target)
         fsync_directory(target.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # now the previous directory, if there was one
     finally:
-        if tmp.exists():
+        if tmp.exists():  # the block or the swap failed (or the removal above did): clean up
             shutil.rmtree(tmp, ignore_errors=True)
 
 

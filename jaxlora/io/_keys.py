@@ -55,10 +55,10 @@ def prefix_key_map(renames: Mapping[str, str]) -> Callable[[str], str]:
         >>> km("layers.0.mlp.up_proj"), km("lm_head")
         ('model.layers.0.mlp.up_proj', 'x.lm_head')
     """
-    pairs = sorted(dict(renames).items(), key=lambda kv: -len(kv[0]))
-    for old, new in pairs:
+    for old, new in dict(renames).items():
         if not isinstance(old, str) or not isinstance(new, str):
             raise ConfigError(f"prefix_key_map: prefixes must be strings, got {old!r} -> {new!r}.")
+    pairs = sorted(dict(renames).items(), key=lambda kv: -len(kv[0]))
 
     def key_map(path: str) -> str:
         for old, new in pairs:
@@ -106,15 +106,14 @@ def peft_key(module_path: str, which: str) -> str:
 
 def check_adapter_name(name: object) -> str:
     """`name` if it is safe as a directory name next to the root adapter, else `ConfigError`."""
-    bad = (
+    if (
         not isinstance(name, str)
         or not name
         or name in {".", ".."}
         or name.startswith(".")
         or any(c in name for c in ("/", "\\", "\0", ":"))
         or name in _RESERVED
-    )
-    if bad:
+    ):
         raise ConfigError(
             f"adapter name {name!r} is not safe as a directory name (PEFT stores adapter "
             "'<name>' in '<dir>/<name>/'): use a non-empty name without path separators, "

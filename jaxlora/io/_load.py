@@ -16,7 +16,7 @@ import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax.numpy as jnp
 import numpy as np
@@ -94,7 +94,9 @@ def _shapes_of(model: Any) -> dict[str, tuple[int, int]]:
         for v in model.values()
     ):
         return {p: (int(v[0]), int(v[1])) for p, v in model.items()}
-    return {p: tuple(get_kernel(model, p).shape) for p in kernel_paths(model)}
+    return {
+        p: cast(tuple[int, int], tuple(get_kernel(model, p).shape)) for p in kernel_paths(model)
+    }
 
 
 def validate_against(

@@ -39,6 +39,7 @@ from ..io import (
     MODEL_WEIGHTS_NAME,
     save_hf_checkpoint,
 )
+from . import tp
 from .config import LlamaConfig
 from .llama import PROJECTIONS, Llama, expected_tensor_shapes
 
@@ -115,12 +116,15 @@ def _internal_name(name: str, config: LlamaConfig) -> tuple[str, bool] | None:
     return name, False
 
 
-def load_llama(directory: str | os.PathLike, *, dtype: Any = None) -> Llama:
-    """Load a Llama checkpoint directory (spec SW-LLAMA-1, SW-LLAMA-2).
+def load_llama(directory: str | os.PathLike, *, dtype: Any = None, mesh: Any = None) -> Llama:
+    """Load a Llama, Qwen2/2.5, Qwen3 or Mistral checkpoint directory (spec SW-LLAMA-1,
+    SW-LLAMA-2, SW-FAM-1).
 
     Arguments:
         directory: `config.json` + `model.safetensors` (or a sharded index).
         dtype: cast every tensor to this dtype; default keep the stored dtypes.
+        mesh: a `jax.sharding.Mesh`: load each tensor straight into its tensor-parallel shards
+            (`jaxlora.models.tp`), every device reading only its slice of the file (SW-TP-3).
 
     Returns:
         A `Llama` whose projection kernels are `[in, out]` under HF module paths.
@@ -129,13 +133,14 @@ def load_llama(directory: str | os.PathLike, *, dtype: Any = None) -> Llama:
     config = read_config(path)
     files = _weight_files(path)
     expected = expected_tensor_shapes(config)
+    shardings = None if mesh is None else tp.model_shardings(config, mesh)
     tensors: dict[str, Any] = {}
     unexpected = []
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        with safe_open(file, "flax") as f:
+        with safe_open(file, "flax" if mesh is None else "numpy") as f:
             available = set(f.keys())
             for name in names:
                 if name not in available:
@@ -149,16 +154,20 @@ def load_llama(directory: str | os.PathLike, *, dtype: Any = None) -> Llama:
                 if internal not in expected:
                     unexpected.append(name)
                     continue
-                value = f.get_tensor(name)
-                value = value.T if transpose else value
-                if tuple(value.shape) != expected[internal]:
+                stored = tuple(f.get_slice(name).get_shape())
+                if (stored[::-1] if transpose else stored) != expected[internal]:
                     want = expected[internal][::-1] if transpose else expected[internal]
-                    stored = tuple(f.get_slice(name).get_shape())
                     raise ShapeMismatchError(
                         f"{file.name}: tensor {name!r} has shape {stored}"
                         f" but config.json implies {tuple(want)}; the weights and config.json "
                         "belong to different models."
                     )
+                if shardings is not None:
+                    sliced, sharding = f.get_slice(name), shardings[internal]
+                    tensors[internal] = tp.read_sharded(sliced, transpose, sharding, dtype)
+                    continue
+                value = f.get_tensor(name)
+                value = value.T if transpose else value
                 tensors[internal] = value if dtype is None else jnp.asarray(value, dtype)
     if unexpected:
         raise CheckpointError(
@@ -204,8 +213,8 @@ def _internal_tensors(model: Llama) -> dict[str, Any]:
     return tensors
 
 
-def _number(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else float(x)
+#: RoPE parameters transformers expects as ints (the others are floats).
+_INT_ROPE_FIELDS = frozenset({"original_max_position_embeddings"})
 
 
 def hf_config_dict(config: LlamaConfig, dtype: Any = jnp.float32) -> dict[str, Any]:
@@ -221,7 +230,9 @@ def hf_config_dict(config: LlamaConfig, dtype: Any = jnp.float32) -> dict[str, A
     """
     scaling = None
     if config.rope_type != "default":
-        scaling = {"rope_type": config.rope_type} | {k: _number(v) for k, v in config.rope}
+        scaling = {"rope_type": config.rope_type} | {
+            k: int(v) if k in _INT_ROPE_FIELDS else float(v) for k, v in config.rope
+        }
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

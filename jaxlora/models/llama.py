@@ -38,6 +38,7 @@ from flax import nnx
 from ..errors import ShapeMismatchError
 from ..lora import check_selection, lora_dense
 from ..types import Active, LoraSelection, Routed, Routing
+from .attention import Where, attend, locate
 from .config import LlamaConfig, rope_inv_freq
 
 __all__ = ["KVCache", "Linear", "Llama", "forward", "forward_with_cache", "init_cache"]
@@ -61,30 +62,46 @@ Lora = Active | Routed | None
 
 
 class KVCache(NamedTuple):
-    """Preallocated keys/values for decoding (a pytree).
+    """Preallocated keys/values, one slot-contiguous region per row (a pytree; spec SW-ENGINE-6).
+
+    Row `r`'s tokens sit at slots `0..lengths[r] - 1` of row `r` of every layer's arrays, in
+    order of position (left padding is never stored); see `jaxlora.models.attention`.
 
     Arguments:
-        k, v: `[layers, batch, max_len, kv_heads, head_dim]`.
-        valid: `[batch, max_len]` bool, which cache slots hold a real (non-padding) token.
-        index: int32 scalar, the next slot to write (the same for every row: left padding).
-        next_pos: `[batch]` int32, the RoPE position of each row's next real token.
+        k, v: one array per layer, `[rows, kv_heads, max_len, head_dim]` (heads-major).
+        lengths: `[rows]` int32, the tokens each row holds (the position of its next token).
     """
 
-    k: Array
-    v: Array
-    valid: Array
-    index: Array
-    next_pos: Array
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+    lengths: Array
+
+    @property
+    def max_len(self) -> int:
+        return int(self.k[0].shape[2])
+
+    @property
+    def next_pos(self) -> Array:
+        """`[rows]` the RoPE position (and slot) of each row's next token: `lengths`."""
+        return self.lengths
+
+    @property
+    def index(self) -> Array:
+        """The most slots any row uses (int32 scalar)."""
+        return jnp.max(self.lengths)
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any) -> KVCache:
-    """An empty cache for `batch` rows of at most `max_len` tokens (prompt + generated)."""
-    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    """An empty cache for `batch` rows of at most `max_len` tokens each (prompt + generated).
+
+    Its size is `jaxlora.models.attention.cache_bytes(layers, batch, max_len, kv_heads,
+    head_dim, dtype)`; `dtype` may differ from the model's (e.g. `jnp.bfloat16`).
+    """
+    shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+    layers = range(config.num_hidden_layers)
     return KVCache(
-        jnp.zeros(shape, dtype),
-        jnp.zeros(shape, dtype),
-        jnp.zeros((batch, max_len), bool),
-        jnp.zeros((), jnp.int32),
+        tuple(jnp.zeros(shape, dtype) for _ in layers),
+        tuple(jnp.zeros(shape, dtype) for _ in layers),
         jnp.zeros((batch,), jnp.int32),
     )
 
@@ -146,32 +163,40 @@ class Block(nnx.Module):
         )
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
+        # Family flags (jaxlora.models.config): Qwen3's per-head q/k RMSNorm, sliding windows.
+        norm = {
+            name: RMSNorm(t[f"{p}self_attn.{name}.weight"], config.rms_norm_eps)
+            if config.qk_norm
+            else None
+            for name in ("q_norm", "k_norm")
+        }
+        self.q_norm, self.k_norm = norm["q_norm"], norm["k_norm"]
+        self.window = config.window(i)
 
-    def __call__(self, x, cos, sin, mask, k_cache, v_cache, index, lora, routing):
+    def __call__(self, x, cos, sin, where: Where, k_cache, v_cache, lora, routing):
         b, t, _ = x.shape
         h = self.input_layernorm(x)
         q = self.q_proj(h, lora, routing).reshape(b, t, self.heads, self.head_dim)
         k = self.k_proj(h, lora, routing).reshape(b, t, self.kv_heads, self.head_dim)
         v = self.v_proj(h, lora, routing).reshape(b, t, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3 (SW-FAM-1): over head_dim, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         q = _rotate(q, cos[:, :, None, :], sin[:, :, None, :])
         k = _rotate(k, cos[:, :, None, :], sin[:, :, None, :])
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-        group = self.heads // self.kv_heads
-        qg = q.reshape(b, t, self.kv_heads, group, self.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_cache.astype(q.dtype))
-        scores = scores.astype(jnp.float32) * (self.head_dim**-0.5)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        attn = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache.astype(q.dtype))
-        x = x + self.o_proj(attn.reshape(b, t, self.heads * self.head_dim), lora, routing)
+        # Mistral / Qwen sliding layers (SW-FAM-3): `window` limits what each token sees.
+        attn, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, where, self.window)
+        x = x + self.o_proj(attn, lora, routing)
         h = self.post_attention_layernorm(x)
         gated = jax.nn.silu(self.gate_proj(h, lora, routing)) * self.up_proj(h, lora, routing)
         return x + self.down_proj(gated, lora, routing), k_cache, v_cache
 
 
 class Llama(nnx.Module):
-    """A Llama decoder (`LlamaForCausalLM` semantics) built from HF-named tensors.
+    """A Llama-family decoder built from HF-named tensors (spec SW-LLAMA-1, SW-FAM-1).
+
+    `LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM` or `MistralForCausalLM`
+    semantics, as `config.model_type` and the family flags of `LlamaConfig` say. The tensors
+    may be sharded `jax.Array`s (`jaxlora.models.tp`): the forward is the same code.
 
     Arguments:
         config: the architecture.
@@ -197,6 +222,34 @@ class Llama(nnx.Module):
             tensors[name] = jnp.asarray(value, dtype)
         return cls(config, tensors)
 
+    def tensors(self) -> dict[str, Array]:
+        """`internal name -> array` of every tensor: the inverse of `Llama(config, tensors)`.
+
+        Example:
+            >>> model = Llama.random(LlamaConfig(64, 16, 32, 1, 2, 1, 8))
+            >>> sorted(model.tensors()) == sorted(expected_tensor_shapes(model.config))
+            True
+        """
+        out = {
+            "model.embed_tokens.weight": self.embed[...],
+            "model.norm.weight": self.norm.weight[...],
+        }
+        if self.lm_head is not None:
+            out["lm_head.kernel"] = self.lm_head[...]
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            for name in PROJECTIONS:
+                linear = getattr(layer, name.rsplit(".", 1)[1])
+                out[p + name + ".kernel"] = linear.kernel[...]
+                if linear.bias is not None:
+                    out[p + name + ".bias"] = linear.bias[...]
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                out[p + norm + ".weight"] = getattr(layer, norm).weight[...]
+            if layer.q_norm is not None:
+                out[p + "self_attn.q_norm.weight"] = layer.q_norm.weight[...]
+                out[p + "self_attn.k_norm.weight"] = layer.k_norm.weight[...]
+        return out
+
     @property
     def dtype(self) -> Any:
         return self.embed[...].dtype
@@ -206,34 +259,56 @@ class Llama(nnx.Module):
         return self.config.linear_shapes()
 
     def run(
-        self, tokens: Array, cache: KVCache, attention_mask: Array, lora: Lora, routing: Routing
+        self,
+        tokens: Array,
+        cache: KVCache,
+        attention_mask: Array | None = None,
+        lora: Lora = None,
+        routing: Routing = "auto",
+        *,
+        positions: Array | None = None,
+        rows: Array | None = None,
+        logits_at: Array | None = None,
     ) -> tuple[Array, KVCache]:
-        """Forward `tokens [B, T]` written at `cache.index`; returns logits `[B, T, vocab]`."""
-        t = tokens.shape[1]
-        mask = attention_mask.astype(bool)
-        positions = cache.next_pos[:, None] + jnp.cumsum(mask, axis=1) - 1
-        angles = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * self.inv_freq[...]
+        """Forward `tokens [B, T]` through `cache`; returns `(logits [B, T, vocab], new cache)`.
+
+        By default batch row `b` is cache row `b` and its real tokens (`attention_mask`, 0 at
+        padding) continue its sequence at positions `lengths[b], lengths[b] + 1, ...` (padding
+        is neither stored nor attended to). The engine (`jaxlora.engine`) passes instead:
+
+        Arguments:
+            positions: `[B, T]` each token's position (= its cache slot); -1 for padding.
+            rows: `[B]` the cache row of each batch row (`rows` of the cache: none, dropped).
+            logits_at: `[B]` one index into `T` per row: only those logits (`[B, 1, vocab]`).
+        """
+        if positions is None:
+            mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask
+            mask = jnp.asarray(mask).astype(bool)
+            start = cache.lengths if rows is None else jnp.take(cache.lengths, rows, mode="clip")
+            positions = jnp.where(mask, start[:, None] + jnp.cumsum(mask, axis=1) - 1, -1)
+        where = locate(positions, cache.max_len, rows)
+        angles = jnp.maximum(where.positions, 0).astype(jnp.float32)[..., None]
+        angles = angles * self.inv_freq[...]
         angles = jnp.concatenate([angles, angles], axis=-1)
         cos, sin = jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype)
-        valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
-        slots = jnp.arange(valid.shape[1])
-        causal = slots[None, :] <= (cache.index + jnp.arange(t))[:, None]  # [T, L]
-        full_mask = valid[:, None, :] & causal[None]  # [B, T, L]
         x = self.embed[...][tokens]
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(
-                x, cos, sin, full_mask, cache.k[i], cache.v[i], cache.index, lora, routing
-            )
+            x, k, v = layer(x, cos, sin, where, cache.k[i], cache.v[i], lora, routing)
             ks.append(k)
             vs.append(v)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, jnp.asarray(logits_at)[:, None, None], axis=1)
         x = self.norm(x)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = x @ head
-        new = KVCache(
-            jnp.stack(ks), jnp.stack(vs), valid, cache.index + t, cache.next_pos + mask.sum(1)
-        )
-        return logits, new
+        # A row's length becomes one past its last written token (unchanged if none written).
+        written = where.positions >= 0
+        index = jnp.arange(tokens.shape[0]) if rows is None else rows
+        old = jnp.take(cache.lengths, index, mode="clip")
+        new = jnp.where(written.any(axis=1), where.positions.max(axis=1) + 1, old)
+        lengths = cache.lengths.at[index].set(new.astype(jnp.int32), mode="drop")
+        return logits, KVCache(tuple(ks), tuple(vs), lengths)
 
 
 def expected_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -247,12 +322,14 @@ def expected_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.kernel"] = (d, config.vocab_size)
     for path, (d_in, d_out) in config.linear_shapes().items():
         shapes[path + ".kernel"] = (d_in, d_out)
-        has_bias = config.mlp_bias if ".mlp." in path else config.attention_bias
-        if has_bias:
+        if config.has_bias(path.split(".", 3)[3]):
             shapes[path + ".bias"] = (d_out,)
     for i in range(config.num_hidden_layers):
         shapes[f"model.layers.{i}.input_layernorm.weight"] = (d,)
         shapes[f"model.layers.{i}.post_attention_layernorm.weight"] = (d,)
+        if config.qk_norm:
+            shapes[f"model.layers.{i}.self_attn.q_norm.weight"] = (config.head_dim,)
+            shapes[f"model.layers.{i}.self_attn.k_norm.weight"] = (config.head_dim,)
     return shapes
 
 
@@ -288,13 +365,14 @@ def forward_with_cache(
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     lora = check_lora(model, lora, tokens.shape[0])
-    room = cache.valid.shape[1] - int(cache.index)
-    if tokens.shape[1] > room:
+    mask = np.ones(tokens.shape, bool) if attention_mask is None else np.asarray(attention_mask)
+    used = np.asarray(cache.lengths)
+    if (used + mask.astype(bool).sum(axis=1) > cache.max_len).any():
         raise ShapeMismatchError(
-            f"{tokens.shape[1]} tokens do not fit: the cache has {cache.valid.shape[1]} slots "
-            f"and {int(cache.index)} are used; make it with init_cache(..., max_len=...) larger."
+            f"{int(mask.astype(bool).sum(axis=1).max())} tokens do not fit: the cache has "
+            f"{cache.max_len} slots and {int(used.max())} are used; make it with "
+            "init_cache(..., max_len=...) larger."
         )
-    mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask
     graphdef, state = nnx.split(model)
     return _run_jit(graphdef, state, tokens, cache, jnp.asarray(mask, bool), lora, routing)
 

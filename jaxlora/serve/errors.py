@@ -1,39 +1,99 @@
 """Errors of the serving layer, each carrying the HTTP status it is answered with.
 
 They derive from `jaxlora.errors.ConfigError` (so from `JaxLoraError` and `ValueError`): a
-caller of the Python API catches them like any other jaxlora input error.
+caller of the Python API catches them like any other jaxlora input error. `param` names the
+request field at fault (OpenAI's `error.param`), when there is one.
 
 Example:
     >>> QueueFullError("queue full").status
     503
+    >>> UnsupportedFieldError("`logit_bias` is not supported", param="logit_bias").param
+    'logit_bias'
 """
 
 from __future__ import annotations
 
 from ..errors import ConfigError
 
-__all__ = ["NoFreeSlotError", "QueueFullError", "RequestTimeoutError", "RequestTooLargeError"]
+__all__ = [
+    "AuthenticationError",
+    "BadRequestError",
+    "ForbiddenError",
+    "NoFreeSlotError",
+    "NonFiniteOutputError",
+    "QueueFullError",
+    "RequestTimeoutError",
+    "RequestTooLargeError",
+    "UnsupportedFieldError",
+    "UnsupportedMediaTypeError",
+]
 
 
-class RequestTooLargeError(ConfigError):
+class _HTTPError(ConfigError):
+    status = 400
+    kind = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class BadRequestError(_HTTPError):
+    """A malformed request: bad JSON, a field of the wrong type or range (HTTP 400)."""
+
+
+class UnsupportedFieldError(BadRequestError):
+    """A request field this server does not implement, or an unknown one (HTTP 400)."""
+
+
+class AuthenticationError(_HTTPError):
+    """No API key, or a wrong one, where the server requires one (HTTP 401)."""
+
+    status = 401
+    kind = "authentication_error"
+
+
+class ForbiddenError(_HTTPError):
+    """Refused by the security policy: Host, Origin, admin-only endpoint (HTTP 403)."""
+
+    status = 403
+    kind = "permission_error"
+
+
+class UnsupportedMediaTypeError(_HTTPError):
+    """A request body that is not `application/json` (HTTP 415)."""
+
+    status = 415
+
+
+class NonFiniteOutputError(_HTTPError):
+    """The model's logits for this request held NaN/Inf (its adapter); HTTP 422."""
+
+    status = 422
+    kind = "non_finite_output"
+
+
+class RequestTooLargeError(_HTTPError):
     """A prompt, `max_new_tokens` or body above the server's limits (HTTP 413)."""
 
     status = 413
 
 
-class QueueFullError(ConfigError):
+class QueueFullError(_HTTPError):
     """The scheduler holds as many pending requests as it admits (HTTP 503, retry later)."""
 
     status = 503
+    kind = "server_busy"
 
 
-class RequestTimeoutError(ConfigError, TimeoutError):
+class RequestTimeoutError(_HTTPError, TimeoutError):
     """A request was not served before its deadline (HTTP 504); it was dropped from the queue."""
 
     status = 504
+    kind = "timeout"
 
 
-class NoFreeSlotError(ConfigError):
+class NoFreeSlotError(_HTTPError):
     """Every adapter slot is in use (HTTP 409); unload one first."""
 
     status = 409

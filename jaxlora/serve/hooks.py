@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ..errors import ConfigError
-from .engine import BASE, RowResult
+from .registry import BASE
+from .security import decode_header_name
 
 __all__ = [
     "Plan",
@@ -40,7 +41,8 @@ __all__ = [
 ]
 
 Classifier = Callable[[Mapping[str, Any]], "str | None"]
-Confidence = Callable[[Mapping[str, Any], RowResult], float]
+#: `(body, result) -> float`; `result` has `.logprobs` (an engine `Result`, an `Attempt`).
+Confidence = Callable[[Mapping[str, Any], Any], float]
 
 
 def split_point(request_id: str, task: str) -> float:
@@ -104,7 +106,7 @@ def parse_fallback(text: str) -> tuple[str, tuple[str, ...]]:
     return task, tuple(items)
 
 
-def mean_logprob(body: Mapping[str, Any], result: RowResult) -> float:
+def mean_logprob(body: Mapping[str, Any], result: Any) -> float:
     """The default confidence: mean log-probability of the generated tokens."""
     return sum(result.logprobs) / max(len(result.logprobs), 1)
 
@@ -159,8 +161,8 @@ class RoutingHooks:
         route: dict[str, Any] = {}
         if "adapter" in body:
             name, route["source"] = body["adapter"], "body"
-        elif header:
-            name, route["source"] = header, "header"
+        elif header:  # UTF-8, raw or RFC 8187 `UTF-8''%..` (SW-SEC-6)
+            name, route["source"] = decode_header_name(header), "header"
         elif self.classifier is not None:
             name, route["source"] = self.classifier(body), "classifier"
         else:
