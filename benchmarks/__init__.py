@@ -6,9 +6,10 @@ sizes, medians of repeated runs, ratios computed within the run, correctness che
 
 Example:
     $ python -m benchmarks --quick --json-dir /tmp/bench --plot /tmp/bench/mixed.png
-    $ jaxlora bench --only switch --only mixed --repeats 3
+    $ python -m benchmarks --only switch --only mixed --repeats 3
 
-This module imports only `argparse` at load time, so `jaxlora --help` stays fast.
+This module imports only `argparse` at load time, so `--help` stays fast. It runs from a git
+checkout only: the installed package has no `jaxlora bench` (SW-PKG-2).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ _SIZE_OPTIONS: dict[str, tuple[Any, str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `python -m benchmarks` and `jaxlora bench` (one definition for both)."""
+    """The options of `python -m benchmarks` (the workload modules add them to their own)."""
     parser.add_argument(
         "--preset",
         choices=("full", "quick", "tiny"),
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return run_workloads(args)
     except JaxLoraError as err:
-        print(f"jaxlora bench: error: {err}", file=sys.stderr)
+        print(f"python -m benchmarks: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -50,6 +50,7 @@ def run(setup: Setup) -> dict[str, Any]:
     tokens = jnp.asarray(tokens_np)
 
     forward(model, tokens).block_until_ready()  # warms the eager helpers of this batch shape
+    jaxlora.select(conformed, names[0])  # and `select`'s (it builds the gate array eagerly)
     with count_compiles() as compiles:
         for i in range(cfg.switches):
             lora = jaxlora.select(conformed, names[i % len(names)])

@@ -22,6 +22,7 @@ from .strategies import Scenario
 
 __all__ = [
     "blame",
+    "build",
     "expect_close",
     "expect_equal",
     "expect_error",
@@ -113,13 +114,23 @@ def blame(clause_id: str, what: str) -> Iterator[None]:
         raise ClauseFailure(clause_id, f"{what}: the driver raised {type(e).__name__}: {e}") from e
 
 
+def build(driver, scenario: Scenario, layers=None) -> np.ndarray:
+    """Build `scenario`'s model (or `layers`) in `driver` and check the base model's output for
+    `scenario.x()` (SW-MODEL-1: a broken chain is reported as such, not as the clause a check is
+    about); return that output."""
+    layers = scenario.layers() if layers is None else layers
+    x = scenario.x()
+    with blame("SW-MODEL-1", f"build and run the base model {[p for p, _, _ in layers]}"):
+        driver.build(layers, scenario.dtype)
+        y = driver.forward(x)
+    expect_close("SW-MODEL-1", y, oracle(layers, x, []), scenario.dtype, "base model")
+    return y
+
+
 def load(driver, scenario: Scenario, names: Iterable[str] | None = None) -> dict:
-    """Build `scenario`'s model in `driver`, check the base model's output (SW-MODEL-1, so a
-    broken chain is reported as such and not as the clause a check is about) and add its
-    adapters; return `name -> RefAdapter`."""
-    layers, x = scenario.layers(), scenario.x()
-    driver.build(layers, scenario.dtype)
-    expect_close("SW-MODEL-1", driver.forward(x), oracle(layers, x, []), scenario.dtype, "base")
+    """`build` `scenario`'s model in `driver` and add its adapters; return
+    `name -> RefAdapter`."""
+    build(driver, scenario)
     adapters = scenario.adapters_by_name()
     chosen = list(adapters) if names is None else list(names)
     for name in chosen:

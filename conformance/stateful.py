@@ -76,8 +76,11 @@ class OperationSequences(RuleBasedStateMachine):
         self.layers = make_layers(layout, seed, self.dtype)
         self.paths = layout.paths
         self.width = layout.widths[0]
+        x = self._x(0, 3)
         with blame("SW-MODEL-1", f"build {layout.paths}"):
             self.driver.build(self.layers, self.dtype)
+            y = self.driver.forward(x)
+        expect_close("SW-MODEL-1", y, oracle(self.layers, x, []), self.dtype, "base model")
 
     # -- bank --------------------------------------------------------------------------------
     @rule(i=st.integers(0, 2), data=st.data(), seed=st.integers(0, 2**16))

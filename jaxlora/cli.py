@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "list the adapters of a PEFT directory and whether they load"),
     "serve": ("serve", "serve many adapters over HTTP with dynamic mixed batching"),
     "compare": ("compare", "per-request divergence between two adapters, offline"),
+    "train": ("train", "fine-tune LoRA adapters on a JSONL dataset, several at once"),
 }
 
 #: the benchmarks are not part of the installed package (SW-PKG-2)

@@ -41,6 +41,7 @@ from .types import NO_ADAPTER, Active, Dropout, LoraSelection, LoraWeights, Rout
 __all__ = [
     "add_lora",
     "as_selection",
+    "check_ids",
     "check_selection",
     "check_targets",
     "check_weights",
@@ -144,20 +145,45 @@ def check_weights(
         )
 
 
-def check_targets(paths: set[str] | list[str], layers: Mapping[str, Any], what: str) -> None:
+def check_targets(
+    paths: set[str] | list[str],
+    layers: Mapping[str, Any],
+    what: str,
+    *,
+    fix: str = "Was the adapter made for another model, or do its paths need a key_map?",
+) -> None:
     """Raise `TargetNotFoundError` for paths that are not among `layers` (SW-TARGET-2).
 
-    The message lists exactly the paths `layers` accepts.
+    The message lists exactly the paths `layers` accepts, then `fix` (how to repair it).
 
     Example:
         >>> check_targets({"l0"}, {"l0": (2, 2), "l1": (2, 2)}, "the adapter")
     """
     missing = sorted(set(paths) - set(layers))
+    count = f" ({len(missing)} layer(s))" if len(missing) > 1 else ""
     if missing:
         raise TargetNotFoundError(
-            f"{what} targets {format_names(missing)}, which the model does not have as "
-            f"adaptable linear layers. Accepted paths: {format_names(sorted(layers))}. Was the "
-            "adapter made for another model, or do its paths need a key_map?"
+            f"{what} targets {format_names(missing)}{count}, which the model does not have as "
+            f"adaptable linear layers. Accepted paths: "
+            f"{format_names(sorted(layers))}. {fix}"
+        )
+
+
+def check_ids(ids: Any, batch: int | None, *, where: str = "the selection") -> None:
+    """Raise unless a `Routed`'s ids are integers of shape `[batch]` (any length if None).
+
+    Example:
+        >>> check_ids(jnp.asarray([0, -1]), 2)
+    """
+    if not jnp.issubdtype(_dtype(ids), jnp.integer):
+        raise ConfigError(
+            f"{where}: Routed ids must be integers (slot index, {NO_ADAPTER} for none), got "
+            f"{_dtype(ids)}. Build them with stacked.route(names)."
+        )
+    if len(_shape(ids)) != 1 or (batch is not None and _shape(ids)[0] != batch):
+        raise ShapeMismatchError(
+            f"{where}: Routed ids have shape {_shape(ids)} but the batch has {batch} rows; give "
+            f"one slot id per row (stacked.route(names), None / {NO_ADAPTER} for the base model)."
         )
 
 
@@ -179,17 +205,7 @@ def check_selection(
     """
     sel = as_selection(lora)
     if isinstance(sel, Routed):
-        ids = sel.ids
-        if not jnp.issubdtype(_dtype(ids), jnp.integer):
-            raise ConfigError(
-                f"Routed ids must be integers (slot index, {NO_ADAPTER} for none), got "
-                f"{_dtype(ids)}. Build them with stacked.route(names)."
-            )
-        if len(_shape(ids)) != 1 or (batch is not None and _shape(ids)[0] != batch):
-            raise ShapeMismatchError(
-                f"Routed ids have shape {_shape(ids)} but the batch has {batch} rows; give one "
-                f"slot id per row (stacked.route(names), None / {NO_ADAPTER} for the base model)."
-            )
+        check_ids(sel.ids, batch)
         check_targets(sel.paths(), layers, "the stacked bank")
         for path, w in sel.stacked.weights.items():
             where = f"stacked bank, layer {path!r}"
@@ -333,11 +349,7 @@ def add_lora(
             weights[0][1], where=f"stacked bank, {where}", features=features, stacked=True
         )
         ids = jnp.asarray(lora.ids)
-        if _shape(ids) != (x.shape[0],):
-            raise ShapeMismatchError(
-                f"{where}: Routed ids have shape {_shape(ids)} but the input has {x.shape[0]} "
-                f"rows (x{tuple(x.shape)}); give one slot id per row (stacked.route(names))."
-            )
+        check_ids(ids, int(x.shape[0]), where=f"{where} (input x{tuple(x.shape)})")
         xr = x2
         if lora.dropout is not None:
             st = weights[0][1]

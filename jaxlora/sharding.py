@@ -34,13 +34,13 @@ Example:
     >>> x.sharding.spec
     P('data', None)
     >>> lora_specs("row").a, lora_specs("row").b
-    (PartitionSpec('model', None), PartitionSpec(None, None))
+    (P('model',), P())
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, NamedTuple, TypeAlias
 
 import jax
 import numpy as np
@@ -51,6 +51,7 @@ from .lora import as_selection
 from .types import Active, LoraSelection, LoraWeights, Routed, StackedBank
 
 __all__ = [
+    "LoraSpecs",
     "Split",
     "adapter_sharding",
     "bank_sharding",
@@ -63,6 +64,7 @@ __all__ = [
     "shard_bank",
     "shard_batch",
     "shard_selection",
+    "spec",
     "to_host",
 ]
 
@@ -161,10 +163,18 @@ def shard_batch(x: Any, mesh: Mesh, *, axis: str = DATA) -> jax.Array:
     return jax.device_put(x, sharding)
 
 
+class LoraSpecs(NamedTuple):
+    """The `PartitionSpec`s of one layer's LoRA factors `a`, `b` and `scale`."""
+
+    a: PartitionSpec
+    b: PartitionSpec
+    scale: PartitionSpec
+
+
 def lora_specs(
     split: Split | None, *, stacked: bool = False, slot_axis: str | None = None, axis: str = MODEL
-) -> LoraWeights:
-    """The `PartitionSpec`s of one layer's LoRA factors (a `LoraWeights` of specs, SW-TP-1).
+) -> LoraSpecs:
+    """The `PartitionSpec`s of one layer's LoRA factors (SW-TP-1).
 
     `"column"`: `a` replicated, `b` split by output over `axis`; `"row"`: `a` split by input,
     `b` replicated; None: both replicated. `stacked` factors (`a [S, in, r]`) get `slot_axis`
@@ -172,16 +182,29 @@ def lora_specs(
 
     Example:
         >>> lora_specs("column", stacked=True, slot_axis="slot").b
-        PartitionSpec('slot', None, 'model')
+        P('slot', None, 'model')
+        >>> lora_specs("column", stacked=True).a
+        P()
     """
+    if split not in ("column", "row", None):
+        raise ConfigError(f"unknown split {split!r}; use 'column', 'row' or None (replicated).")
     lead = (slot_axis,) if stacked else ()
     a_in = axis if split == "row" else None
     b_out = axis if split == "column" else None
-    if split not in ("column", "row", None):
-        raise ConfigError(f"unknown split {split!r}; use 'column', 'row' or None (replicated).")
-    return LoraWeights(
-        PartitionSpec(*lead, a_in, None), PartitionSpec(*lead, None, b_out), PartitionSpec(*lead)
-    )
+    return LoraSpecs(spec(*lead, a_in, None), spec(*lead, None, b_out), spec(*lead))
+
+
+def spec(*axes: str | None) -> PartitionSpec:
+    """`PartitionSpec(*axes)` without trailing Nones: one spelling per layout, so equal layouts
+    are equal jit cache keys (`P(None, None)` and `P()` would compile twice).
+
+    Example:
+        >>> spec("data", None), spec(None, "model", None)
+        (P('data',), P(None, 'model'))
+    """
+    while axes and axes[-1] is None:
+        axes = axes[:-1]
+    return PartitionSpec(*axes)
 
 
 def _layer_sharding(
@@ -206,7 +229,8 @@ def _layer_sharding(
             f"divides {n}."
         )
     specs = lora_specs(split, stacked=stacked, slot_axis=slot_axis, axis=axis)
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    # The same pytree as `w` (a LoraWeights), its leaves shardings (a, b, scale in that order).
+    return jax.tree.unflatten(jax.tree.structure(w), [NamedSharding(mesh, x) for x in specs])
 
 
 def adapter_sharding(

@@ -100,3 +100,59 @@ def engine_for(world: World, **overrides: Any) -> Engine:
         | overrides
     )
     return Engine(world.model, cfg)
+
+
+def service_for(world: World, engine: Engine, **kwargs: Any):
+    """An `OpenAIService` over `engine` with the world's adapters registered."""
+    from jaxlora.serve.openai import OpenAIService
+    from jaxlora.serve.text import Text
+
+    kwargs = {
+        "model_name": "tiny",
+        "adapter_root": world.root,
+        "text": Text.from_directory(world.model_dir),
+        "model_source": str(world.model_dir),
+    } | kwargs
+    service = OpenAIService(engine, **kwargs)
+    for name, adapter in world.adapters.items():
+        service.registry.add(name, adapter, str(world.root / name))
+    return service
+
+
+def start_server(service: Any, native: Any = None):
+    """The app on 127.0.0.1 (a free port), started: use as a context manager or `.stop()`."""
+    from jaxlora.serve.openai import create_app
+    from jaxlora.serve.runner import ServerThread
+
+    return ServerThread(create_app(service, native)).start()
+
+
+def http(
+    url: str,
+    method: str = "GET",
+    body: Any = None,
+    headers: dict | None = None,
+    data: bytes | None = None,
+    timeout: float = 120,
+) -> tuple[int, dict, bytes]:
+    """A raw request: `(status, headers, body bytes)`; JSON `body` unless `data` is given."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    if data is None and body is not None:
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} | (headers or {})
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def client(url: str, api_key: str = "none"):
+    """The real `openai` client on the server, no retries (errors surface at once)."""
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=120)

@@ -254,9 +254,9 @@ def test_llama_demo_twice_in_one_process(demo, monkeypatch, capsys):
 
     def recompile_second_batch(model, prompts, *, lora=None, **kw):
         calls.append(lora)
-        if len(calls) == 2:  # the second mixed batch: force a new decode-step shape
-            assert isinstance(lora, Routed)
-            kw["max_new_tokens"] += 1
+        if len(calls) == 2:  # the second mixed batch: force a new decode-step shape (a
+            assert isinstance(lora, Routed)  # cache length past generate's buckets of 32)
+            kw["max_new_tokens"] += 64
         return real(model, prompts, lora=lora, **kw)
 
     monkeypatch.setattr(generate_module, "generate", recompile_second_batch)

@@ -154,8 +154,8 @@ def test_bf16_base_with_fp32_adapter_accumulates_in_fp32_and_casts_once():
 @pytest.mark.clause("SW-MIXED-1")
 @given(data=st.data(), case=cases(max_adapters=3, batch=5))
 def test_mixed_batch_rows_match_the_oracle(data, case):
-    """SW-MIXED-1: in a mixed batch (`lora=stacked.route(rows)`), row i equals the oracle's forward of row i alone with its
-    own adapter (None: the base model), under SW-TOL-1."""
+    """SW-MIXED-1: in a mixed batch (`lora=stacked.route(rows)`), row i equals the oracle's
+    forward of row i alone with its own adapter (None: the base model), under SW-TOL-1."""
     stacked = jaxlora.stack(jaxlora.conform(case.bank))
     rows = data.draw(
         st.lists(st.sampled_from([*case.names, None]), min_size=5, max_size=5), label="rows"

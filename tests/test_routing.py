@@ -142,13 +142,19 @@ def test_bad_arguments_raise_errors_naming_the_shapes():
         routed_delta(x, stacked, jnp.zeros(4, jnp.int32), routing="fast")
     with pytest.raises(
         ShapeMismatchError,
-        match=r"layer 'p': Routed ids have shape \(3,\) but the input has 4 rows \(x\(4, 6\)\).*"
-        r"one slot id per row",
+        match=r"layer 'p' \(input x\(4, 6\)\): Routed ids have shape \(3,\) but the batch has 4 "
+        r"rows.*one slot id per row",
     ):
         jaxlora.lora_dense(x, kernel, None, routed(stacked, jnp.zeros(3, jnp.int32)), "p")
     chain = jaxlora.DenseChain((kernel,), (jnp.zeros(D_OUT),), ("p",))
-    with pytest.raises(ConfigError, match=r"Routed ids must be integers.*got float32.*route"):
-        jaxlora.forward(chain, x, lora=routed(stacked, jnp.zeros(4, jnp.float32)))
+    for call in (
+        lambda: jaxlora.forward(chain, x, lora=routed(stacked, jnp.zeros(4, jnp.float32))),
+        lambda: jaxlora.lora_dense(
+            x, kernel, None, routed(stacked, jnp.zeros(4, jnp.float32)), "p"
+        ),
+    ):
+        with pytest.raises(ConfigError, match=r"Routed ids must be integers.*got float32.*route"):
+            call()
     with pytest.raises(
         ShapeMismatchError,
         match=r"stacked bank, layer 'p': the layer maps \(7, 5\) \(in, out\) but the LoRA "

@@ -1,6 +1,7 @@
 """Spec <-> tests traceability (spec SW-SPEC-1): every clause heading in `specs/*.md` is cited by
-some file under `tests/` or `conformance/`, and every clause ID cited anywhere (tests,
-conformance, the spec text itself) exists."""
+a test under `tests/` or by a registered check of the conformance suite (its clauses, and the
+clauses its expectations name), and every clause ID cited anywhere (tests, conformance, the
+spec text itself) exists."""
 
 from __future__ import annotations
 
@@ -69,6 +70,19 @@ def citations(paths: list[pathlib.Path]) -> dict[str, set[str]]:
     return cited
 
 
+def suite_citations() -> dict[str, set[str]]:
+    """clause ID -> the registered conformance checks that verify it (`conformance:<check>`):
+    the suite's checks are tests too, run in `make test` against the built-in drivers."""
+    from conformance import checks  # noqa: F401  (importing registers every check)
+    from conformance.registry import CHECKS
+
+    cited: dict[str, set[str]] = collections.defaultdict(set)
+    for check in CHECKS:
+        for clause in check.clauses:
+            cited[clause].add(f"conformance:{check.name}")
+    return cited
+
+
 def spec_references() -> dict[str, set[str]]:
     """clause ID -> the spec files whose text mentions it."""
     refs: dict[str, set[str]] = collections.defaultdict(set)
@@ -81,12 +95,15 @@ def spec_references() -> dict[str, set[str]]:
 @pytest.mark.clause("SW-SPEC-1")
 def test_every_clause_is_defined_once_and_cited():
     """SW-SPEC-1: each `### SW-...` heading appears once across specs/*.md, and each is cited
-    by at least one file under tests/ or conformance/."""
+    by at least one file under tests/ or conformance/, or verified by a registered check of the
+    conformance suite."""
     defined = defined_clauses()
     assert len(defined) >= 30, f"found only {len(defined)} clause headings: the parser is broken"
     twice = {c: files for c, files in defined.items() if len(files) > 1}
     assert not twice, f"clause IDs defined more than once: {twice}"
     cited = citations(citing_files())
+    for clause, checks in suite_citations().items():
+        cited[clause] |= checks
     uncited = sorted(set(defined) - set(cited))
     assert not uncited, (
         "clauses that no test cites (add a test with @pytest.mark.clause(ID) and the ID in its "
@@ -100,7 +117,7 @@ def test_every_citation_names_an_existing_clause():
     spec heading defines is an error (a typo, or a clause that was renamed)."""
     defined = defined_clauses()
     cited = citations(citing_files())
-    for clause, files in spec_references().items():
+    for clause, files in [*spec_references().items(), *suite_citations().items()]:
         cited[clause] |= files
     unknown = {c: sorted(files) for c, files in cited.items() if c not in defined}
     assert not unknown, f"citations of clause IDs that no spec defines: {unknown}"
@@ -126,6 +143,25 @@ def test_every_marked_test_names_its_clauses_in_its_docstring():
             if absent:
                 missing.append(f"{path.name}::{node.name} ({', '.join(absent)})")
     assert not missing, "tests whose docstring lacks their marked clause IDs: " + "; ".join(missing)
+
+
+@pytest.mark.clause("SW-SPEC-1")
+def test_every_suite_check_names_its_clauses_in_its_docstring():
+    """SW-SPEC-1: a registered conformance check (function or state machine) names each of
+    its clauses in its docstring, as a marked test does; the registry holds the checks (so
+    counting them as citations above cannot be vacuous)."""
+    from conformance import checks  # noqa: F401  (importing registers every check)
+    from conformance.registry import CHECKS
+
+    assert len(CHECKS) >= 30, f"only {len(CHECKS)} registered checks: the registry is broken"
+    missing = []
+    for check in CHECKS:
+        doc = (check.fn or check.machine).__doc__ or ""
+        absent = [c for c in check.clauses if c not in doc]
+        if absent:
+            missing.append(f"{check.name} ({', '.join(absent)})")
+    assert not missing, "checks whose docstring lacks their clause IDs: " + "; ".join(missing)
+    assert "SW-SCALE-2" in suite_citations()
 
 
 @pytest.mark.clause("SW-SPEC-1")

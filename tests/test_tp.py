@@ -315,4 +315,4 @@ def test_sizes_that_do_not_split_raise_with_the_fix():
     with pytest.raises(ConfigError, match=r"data=2 x slot=1 x model=8 devices needs 16"):
         make_mesh(data=2, model=8)
     no_model_axis = adapter_sharding({"l0": w}, make_mesh(data=8), {"l0": "row"})
-    assert no_model_axis["l0"].a.spec == P(None, None)  # nothing to split over: replicated
+    assert no_model_axis["l0"].a.spec == P()  # nothing to split over: replicated

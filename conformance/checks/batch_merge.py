@@ -13,6 +13,7 @@ from jaxlora import reference
 
 from ..compare import (
     blame,
+    build,
     expect_close,
     expect_equal,
     expect_error,
@@ -108,7 +109,7 @@ def check_merge_keeps_original(driver, sc: Scenario) -> None:
     back is bitwise."""
     layers, adapters, x = sc.layers(), sc.adapters_by_name(), sc.x()
     given = snapshot([layers, adapters])
-    driver.build(layers, sc.dtype)
+    build(driver, sc, layers)
     for name, adapter in adapters.items():
         driver.add_adapter(name, adapter)
     _activate(driver, _active(driver, sc))
@@ -152,8 +153,7 @@ def check_safe_merge(driver, case) -> None:
     """SW-MERGE-4: a safe merge of a NaN/Inf delta raises naming adapter and layer; no change."""
     sc, bad_value = case
     layers, x = sc.layers(), sc.x()
-    driver.build(layers, sc.dtype)
-    base, kernels = driver.forward(x), driver.base_kernels()
+    base, kernels = build(driver, sc, layers), driver.base_kernels()
     bad = sc.adapter(0)
     path = next(iter(bad.weights))
     a, b = bad.weights[path]

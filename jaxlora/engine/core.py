@@ -405,6 +405,7 @@ class Engine:
         h, request = row.handle, row.handle.request
         if "first" not in h.info:
             h.info["first"] = time.monotonic()
+            h.info["batch"] = self._counts["iterations"]
         h._emit(token, logprob)
         self._counts["tokens"] += 1
         n = len(h._tokens)

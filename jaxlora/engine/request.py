@@ -51,7 +51,7 @@ class Request:
     tokens: tuple[int, ...]
     max_new_tokens: int
     adapter: str | None = None
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     stop_tokens: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     timeout_s: float | None = None
@@ -84,6 +84,8 @@ class Result:
         first_token_s, total_s: seconds from submission to its first token / to the end.
         live_rows, adapters: rows decoding in its first decode step and their distinct
             adapters (None: the base model); empty when it never reached a decode step.
+        batch: the engine iteration of its first token: requests with the same `batch`
+            decoded side by side from their first step (0: it never got a token).
     """
 
     tokens: list[int]
@@ -97,6 +99,7 @@ class Result:
     total_s: float = 0.0
     live_rows: int = 0
     adapters: tuple[str | None, ...] = ()
+    batch: int = 0
 
 
 class Handle:
@@ -184,6 +187,7 @@ class Handle:
                 now - self.submitted,
                 info["live_rows"],
                 info["adapters"],
+                info.get("batch", 0),
             )
         if not self.future.done():
             self.future.set_result(result)

@@ -73,9 +73,7 @@ class SamplingParams:
         if not isinstance(p, int | float) or not 0 < p <= 1:
             raise ConfigError(f"top_p must be a number in (0, 1] (1: off), got {p!r}.")
         if not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
-            raise ConfigError(
-                f"seed must be in [0, 2**32) (got {self.seed}); use a 32-bit seed."
-            )
+            raise ConfigError(f"seed must be in [0, 2**32) (got {self.seed}); use a 32-bit seed.")
 
 
 class SamplingRows(NamedTuple):

@@ -25,10 +25,9 @@ from ..bank import AdapterBank
 from ..errors import (
     AdapterFormatError,
     AdapterNotFoundError,
-    ShapeMismatchError,
-    TargetNotFoundError,
     format_names,
 )
+from ..lora import check_targets, check_weights
 from ..params import get_kernel, kernel_paths
 from ..weights import LoraConfig, LoraWeights, match_targets
 from ._config import config_from_dict
@@ -118,20 +117,15 @@ def validate_against(
         >>> validate_against({"l0": w}, {"l0": (4, 3)})
     """
     shapes = _shapes_of(model)
-    missing = [p for p in adapter if p not in shapes]
-    if missing:
-        raise TargetNotFoundError(
-            f"adapter {name!r} has weights for {len(missing)} layer(s) the model does not have: "
-            f"{format_names(missing)}. Model layers: {format_names(shapes)}. If it was saved for "
-            f"this model under other module names, load it with {KEY_MAP_ADVICE}."
-        )
+    check_targets(
+        set(adapter),
+        shapes,
+        f"adapter {name!r}",
+        fix=f"If it was saved for this model under other module names, load it with "
+        f"{KEY_MAP_ADVICE}.",
+    )
     for path, w in adapter.items():
-        if (w.in_features, w.out_features) != tuple(shapes[path]):
-            raise ShapeMismatchError(
-                f"adapter {name!r}, layer {path!r}: a{tuple(w.a.shape)} b{tuple(w.b.shape)} map "
-                f"({w.in_features}, {w.out_features}) but the model layer is "
-                f"{tuple(shapes[path])} (in, out). The adapter was trained for another model."
-            )
+        check_weights(w, where=f"adapter {name!r}, layer {path!r}", features=shapes[path])
 
 
 def _factors(tensors: dict[str, np.ndarray], where: str) -> dict[str, dict[str, np.ndarray]]:

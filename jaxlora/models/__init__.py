@@ -9,6 +9,7 @@ Example:
 
 from .checkpoint import load_llama as load_llama
 from .checkpoint import read_config as read_config
+from .checkpoint import save_llama as save_llama
 from .config import LlamaConfig as LlamaConfig
 from .llama import KVCache as KVCache
 from .llama import Llama as Llama

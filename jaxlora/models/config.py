@@ -22,8 +22,8 @@ Example:
     >>> cfg.head_dim, cfg.num_key_value_heads, cfg.rope_type
     (8, 3, 'default')
     >>> qwen = LlamaConfig.from_dict({"model_type": "qwen2", "hidden_size": 24,
-    ...     "num_attention_heads": 3, "num_hidden_layers": 2, "intermediate_size": 40,
-    ...     "vocab_size": 64})
+    ...     "num_attention_heads": 3, "num_key_value_heads": 1, "num_hidden_layers": 2,
+    ...     "intermediate_size": 40, "vocab_size": 64})
     >>> qwen.has_bias("self_attn.q_proj"), qwen.has_bias("self_attn.o_proj")
     (True, False)
 """

@@ -179,7 +179,7 @@ class Block(nnx.Module):
         q = self.q_proj(h, lora, routing).reshape(b, t, self.heads, self.head_dim)
         k = self.k_proj(h, lora, routing).reshape(b, t, self.kv_heads, self.head_dim)
         v = self.v_proj(h, lora, routing).reshape(b, t, self.kv_heads, self.head_dim)
-        if self.q_norm is not None:  # Qwen3 (SW-FAM-1): over head_dim, before RoPE
+        if self.q_norm is not None and self.k_norm is not None:  # Qwen3: per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q = _rotate(q, cos[:, :, None, :], sin[:, :, None, :])
         k = _rotate(k, cos[:, :, None, :], sin[:, :, None, :])
@@ -245,7 +245,7 @@ class Llama(nnx.Module):
                     out[p + name + ".bias"] = linear.bias[...]
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 out[p + norm + ".weight"] = getattr(layer, norm).weight[...]
-            if layer.q_norm is not None:
+            if layer.q_norm is not None and layer.k_norm is not None:
                 out[p + "self_attn.q_norm.weight"] = layer.q_norm.weight[...]
                 out[p + "self_attn.k_norm.weight"] = layer.k_norm.weight[...]
         return out

@@ -25,13 +25,14 @@ Checkpoints load straight into their shards: `load_llama(directory, mesh=mesh)` 
 device's slice of each tensor with safetensors' `get_slice` (`read_sharded`), so no process
 ever holds a whole projection, on the host or on a device.
 
-Example:
+Example (a model axis of size 1 splits nothing; the code is the same for any size):
     >>> from jaxlora.models import Llama, LlamaConfig, forward
     >>> from jaxlora.sharding import make_mesh
-    >>> model = Llama.random(LlamaConfig(64, 16, 32, 1, 2, 2, 8))
-    >>> sharded = shard_model(model, make_mesh(data=1, model=2))
-    >>> sharded.layers[0].o_proj.kernel[...].sharding.spec
-    PartitionSpec('model', None)
+    >>> config = LlamaConfig(64, 16, 32, 1, 2, 2, 8)
+    >>> tensor_specs(config, 2)["model.layers.0.self_attn.o_proj.kernel"]
+    P('model',)
+    >>> mesh = make_mesh(data=1, model=1)
+    >>> sharded = shard_model(Llama.random(config), mesh)
     >>> forward(sharded, [[1, 2, 3]]).shape
     (1, 3, 64)
 """
@@ -47,7 +48,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..errors import ConfigError
-from ..sharding import DATA, MODEL, SLOT, Split, model_axis_size, put, shard_selection
+from ..sharding import DATA, MODEL, SLOT, Split, model_axis_size, put, shard_selection, spec
 from ..types import Active, LoraSelection, Routed
 from .config import LlamaConfig
 from .llama import KVCache, Llama, expected_tensor_shapes
@@ -126,7 +127,7 @@ def tensor_specs(
     Example:
         >>> specs = tensor_specs(LlamaConfig(64, 16, 32, 1, 2, 2, 8), 2)
         >>> specs["model.layers.0.mlp.up_proj.kernel"], specs["model.embed_tokens.weight"]
-        (PartitionSpec(None, 'model'), PartitionSpec('model', None))
+        (P(None, 'model'), P('model',))
     """
     splits = layer_splits(config, model_size)
     vocab = model_size > 1 and config.vocab_size % model_size == 0
@@ -134,17 +135,16 @@ def tensor_specs(
     for name in expected_tensor_shapes(config):
         path, _, leaf = name.rpartition(".")
         split = splits.get(path)
-        if name == "model.embed_tokens.weight":
-            spec = PartitionSpec(axis, None) if vocab else PartitionSpec()
-        elif name == "lm_head.kernel":
-            spec = PartitionSpec(None, axis) if vocab else PartitionSpec()
+        axes: tuple[str | None, ...] = ()
+        if name == "model.embed_tokens.weight" and vocab:
+            axes = (axis,)
+        elif name == "lm_head.kernel" and vocab:
+            axes = (None, axis)
         elif leaf == "kernel" and split is not None:
-            spec = PartitionSpec(None, axis) if split == "column" else PartitionSpec(axis, None)
+            axes = (None, axis) if split == "column" else (axis,)
         elif leaf == "bias" and split == "column":
-            spec = PartitionSpec(axis)
-        else:
-            spec = PartitionSpec()
-        specs[name] = spec
+            axes = (axis,)
+        specs[name] = spec(*axes)
     return specs
 
 
@@ -177,7 +177,7 @@ def read_sharded(tensor_slice: Any, transpose: bool, sharding: Any, dtype: Any =
     shape = tuple(tensor_slice.get_shape())
     shape = shape[::-1] if transpose else shape
 
-    def read(index: tuple[slice, ...]) -> np.ndarray:
+    def read(index: Any) -> np.ndarray:  # a tuple of slices, one per dimension
         stored = index[::-1] if transpose else index
         part = np.asarray(tensor_slice[stored] if stored else tensor_slice[:])
         part = part.T if transpose else part
@@ -186,23 +186,29 @@ def read_sharded(tensor_slice: Any, transpose: bool, sharding: Any, dtype: Any =
     return jax.make_array_from_callback(shape, sharding, read)
 
 
-def cache_sharding(config: LlamaConfig, mesh: Mesh, *, data_axis: str = DATA, axis: str = MODEL):
-    """The `KVCache` of `NamedSharding`s: rows over `data_axis`, KV heads over `axis` (when
-    the k/v projections are split; replicated otherwise, as they are)."""
+def cache_sharding(
+    cache: KVCache, config: LlamaConfig, mesh: Mesh, *, data_axis: str = DATA, axis: str = MODEL
+) -> KVCache:
+    """`NamedSharding`s for `cache` (same pytree; arrays or `jax.ShapeDtypeStruct`s): rows over
+    `data_axis`; the `[rows, kv_heads, max_len, head_dim]` keys and values also by KV heads over
+    `axis` when the k/v projections are split (replicated otherwise, as those are)."""
     m = model_axis_size(mesh, axis)
     rows = data_axis if data_axis in mesh.shape else None
     heads = axis if m > 1 and _kv_split(config, m) else None
-    kv = NamedSharding(mesh, PartitionSpec(rows, heads, None, None))
-    layers = config.num_hidden_layers
-    return KVCache((kv,) * layers, (kv,) * layers, NamedSharding(mesh, PartitionSpec(rows)))
+
+    def sharding(x: Any) -> NamedSharding:
+        return NamedSharding(mesh, spec(rows, heads) if x.ndim == 4 else spec(rows))
+
+    return jax.tree.map(sharding, cache)
 
 
 def shard_cache(
     cache: KVCache, config: LlamaConfig, mesh: Mesh, *, data_axis: str = DATA, axis: str = MODEL
 ) -> KVCache:
     """`cache` (`init_cache(...)`) placed as `cache_sharding` says."""
-    shardings = cache_sharding(config, mesh, data_axis=data_axis, axis=axis)
-    return jax.tree.map(put, cache, shardings)
+    return jax.tree.map(
+        put, cache, cache_sharding(cache, config, mesh, data_axis=data_axis, axis=axis)
+    )
 
 
 def shard_lora(

@@ -6,10 +6,11 @@ disconnects, so a request still waiting in the queue is dropped. FastAPI would a
 models and an OpenAPI layer we do not use.
 
 Routes: `POST /generate`, `GET /adapters`, `POST /adapters/{name}` (body `{"path": DIR}`: a PEFT
-adapter directory loaded into a free slot, no recompilation), `DELETE /adapters/{name}`,
+adapter directory loaded into the engine's host store, no recompilation; it reaches a device
+slot when a request needs it), `DELETE /adapters/{name}`,
 `GET /health`, `GET /metrics`. Errors are JSON `{"error": message}` with 400 (malformed JSON,
 bad fields, token ids outside the vocabulary), 404 (unknown adapter, with `adapters`: the list),
-409 (name taken, no free slot), 413 (too long), 503 (queue full), 504 (timed out).
+409 (name taken, store full), 413 (too long), 503 (queue full), 504 (timed out).
 
 `POST /adapters/{name}` reads a directory on the server's machine: bind to 127.0.0.1 (the
 default) or give `adapter_root`, under which every path must lie.
@@ -60,9 +61,9 @@ class Service:
     """Everything a server holds: engine, scheduler, hooks, limits.
 
     Arguments:
-        engine: the model and its adapter slots.
+        engine: the model, its engine and adapter store (`jaxlora.serve.engine`).
         hooks: classifier, A/B splits, fallback chains.
-        window_s, max_pending: the scheduler's batching window and queue bound.
+        window_s: unused (continuous batching); max_pending: the most requests waiting.
         timeout_s: the default per-request timeout (a request may ask for less).
         max_body_bytes: larger request bodies are refused with 413.
         default_max_new_tokens: used when a request gives no `max_new_tokens`.
@@ -92,7 +93,7 @@ class Service:
         )
 
     def load_dir(self, name: str, path: str | Path) -> int:
-        """Load the PEFT adapter directory `path` into a free slot as `name`; returns the slot."""
+        """Load the PEFT adapter directory `path` as `name`; returns its version."""
         directory = Path(path).resolve()
         if self.adapter_root is not None:
             root = Path(self.adapter_root).resolve()
@@ -179,6 +180,7 @@ def _row(service: Service, body: dict[str, Any], request_id: str) -> Row:
         max_new_tokens=_int(body, "max_new_tokens", min(service.default_max_new_tokens, limit), 1),
         temperature=_number(body, "temperature", 0.0),
         top_k=_int(body, "top_k", 0),
+        top_p=_number(body, "top_p", 1.0),
         seed=_int(
             body,
             "seed",
@@ -296,7 +298,7 @@ def create_app(service: Service) -> Starlette:
             {
                 "adapters": [{"name": n} | info for n, info in sorted(loaded.items())],
                 "capacity": engine.capacity,
-                "free_slots": engine.capacity - len(loaded),
+                "free_slots": engine.capacity - sum(a["slot"] is not None for a in loaded.values()),
                 "rank": engine.rank,
                 "splits": {t: dict(s.arms) for t, s in service.hooks.splits.items()},
                 "fallbacks": {t: list(c) for t, c in service.hooks.fallbacks.items()},
@@ -309,18 +311,18 @@ def create_app(service: Service) -> Starlette:
             body = await _json_body(request, service.max_body_bytes)
             if not isinstance(body.get("path"), str):
                 raise ConfigError('the body must be {"path": "<PEFT adapter directory>"}.')
-            slot = await asyncio.to_thread(service.load_dir, name, body["path"])
+            version = await asyncio.to_thread(service.load_dir, name, body["path"])
         except JaxLoraError as err:
             return _error(_status(err), str(err))
-        return JSONResponse({"name": name, "slot": slot}, status_code=201)
+        return JSONResponse({"name": name, "version": version}, status_code=201)
 
     async def unload_adapter(request: Request) -> Response:
         name = request.path_params["name"]
         try:
-            slot = service.engine.unload(name)
+            version = service.engine.unload(name)
         except AdapterNotFoundError as err:
             return _error(404, str(err), adapters=sorted(service.engine.adapters()))
-        return JSONResponse({"name": name, "slot": slot})
+        return JSONResponse({"name": name, "version": version})
 
     async def health(request: Request) -> Response:
         engine = service.engine

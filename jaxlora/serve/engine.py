@@ -72,7 +72,7 @@ class Buckets:
             rows=self.batch_sizes[-1],
             max_len=self.prompt_lengths[-1] + self.max_new_tokens,
             chunks=self.prompt_lengths,
-            prefill_tokens=self.prompt_lengths[-1],
+            prefill_tokens=max(256, self.prompt_lengths[-1]),
             slots=slots,
             rank=rank,
             targets=None if targets is None else tuple(targets),
@@ -135,9 +135,7 @@ class Engine:
         detokenize: Callable[[list[int]], str] | None = None,
     ):
         if capacity < 1 or rank < 1:
-            raise ConfigError(
-                f"Engine: capacity ({capacity}) and rank ({rank}) must be positive."
-            )
+            raise ConfigError(f"Engine: capacity ({capacity}) and rank ({rank}) must be positive.")
         self.buckets = buckets or Buckets()
         if config is None:
             config = self.buckets.config(capacity, rank, targets)
@@ -188,7 +186,9 @@ class Engine:
         if store is None:
             return {}
         resident = {key[0]: slot for key, slot in list(self.core.slots.resident.items())}
-        return {n: {"slot": resident.get(n), "source": i["source"]} for n, i in store.info().items()}
+        return {
+            n: {"slot": resident.get(n), "source": i["source"]} for n, i in store.info().items()
+        }
 
     # -- requests ---------------------------------------------------------------------------
     def request(self, row: Row, timeout_s: float | None = None) -> Request:
@@ -203,8 +203,7 @@ class Engine:
         longest = self.config.max_len - self.buckets.max_new_tokens
         if len(row.tokens) > max(longest, 1):
             raise RequestTooLargeError(
-                f"the prompt length is {len(row.tokens)}, above this server's limit of "
-                f"{longest}."
+                f"the prompt length is {len(row.tokens)}, above this server's limit of {longest}."
             )
         if row.max_new_tokens > self.buckets.max_new_tokens:
             raise RequestTooLargeError(

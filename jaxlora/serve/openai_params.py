@@ -173,9 +173,9 @@ def _job(
         max_tokens = min(limits.default_max_tokens, room) if asked is None else asked
         if room < 1 or max_tokens > room:
             raise BadRequestError(
-                f"this model's maximum context length is {limits.max_len} tokens; prompt {p} "
-                f"has {len(tokens)} and max_tokens asks for {max_tokens}. Shorten the prompt "
-                "or lower max_tokens.",
+                f"`max_tokens` = {max_tokens} plus prompt {p}'s {len(tokens)} tokens exceeds "
+                f"this model's maximum context length of {limits.max_len} tokens; shorten the "
+                "prompt or lower max_tokens.",
                 param="max_tokens",
             )
         choices.append(

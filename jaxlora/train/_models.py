@@ -58,11 +58,13 @@ def from_llama(model: Llama, *, routing: Routing = "auto") -> LM:
 
 
 def from_nnx(model: nnx.Module, *, routing: Routing = "auto") -> LM:
-    """An unmodified NNX model `model(tokens) -> logits` (`jaxlora.flax.nnx.apply`)."""
+    """An unmodified NNX model `model(tokens) -> logits` (`jaxlora.flax.nnx.with_lora`; state
+    the call would update, such as BatchNorm statistics, is not written back)."""
     graphdef, state = nnx.split(model)
 
     def logits(base: Any, tokens: Array, lora: LoraSelection) -> Array:
-        return lora_nnx.apply(nnx.merge(graphdef, base), tokens, lora=lora, routing=routing)
+        adapted = lora_nnx.with_lora(nnx.merge(graphdef, base), lora, routing=routing)
+        return adapted(tokens)
 
     return LM(logits, state, lora_nnx.layer_shapes(model))
 

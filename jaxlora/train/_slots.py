@@ -125,7 +125,8 @@ def init_slots(
         raise ConfigError(
             "init_slots takes a non-empty StackedBank: jaxlora.stack(jaxlora.conform(bank))."
         )
-    trainable, frozen = split(dict(stacked.weights))
+    # Copies: the step donates its state, which must not delete the caller's stacked bank.
+    trainable, frozen = jax.tree.map(jnp.copy, split(dict(stacked.weights)))
     names = stacked.names
     return SlotsState(
         trainable,

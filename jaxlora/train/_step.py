@@ -69,10 +69,10 @@ class TrainState(NamedTuple):
 
 
 def init(optimizer: optax.GradientTransformation, adapter: Adapter) -> TrainState:
-    """The initial `TrainState` of `adapter` (from `jaxlora.init_adapter`, a file, ...)."""
-    if not isinstance(adapter, dict):
-        adapter = dict(adapter)
-    trainable, frozen = split(adapter)
+    """The initial `TrainState` of `adapter` (from `jaxlora.init_adapter`, a file, ...); the
+    state holds copies, so `adapter` stays valid when a step donates the state."""
+    # Copies: the step donates its state, which must not delete the caller's adapter.
+    trainable, frozen = jax.tree.map(jnp.copy, split(dict(adapter)))
     return TrainState(trainable, frozen, optimizer.init(trainable), jnp.zeros((), jnp.int32))
 
 
