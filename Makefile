@@ -30,7 +30,6 @@ $(DEMO_STAMP): $(BIN)/python pyproject.toml
 venv: $(TEST_STAMP)
 
 demo: $(DEMO_STAMP)
-	$(BIN)/jaxlora switch-demo
 	$(BIN)/jaxlora demo
 
 # Fast checks first. The import-graph check (tests/test_import_graph.py) is part of check-tests.

@@ -1,6 +1,6 @@
 """Workload 4, decode step: the engine's decode step against its roofline, the cache and adapters.
 
-One timed call is one `jaxlora.engine.steps.decode` call (the engine's jitted step: one token
+One timed call is one call of the engine's decode step (`jaxlora.engine.steps`: one token
 for each of `batch` rows, the KV cache donated and updated in place, the next token sampled),
 chained on its own cache. Variants, all timed interleaved in one run:
 
@@ -34,8 +34,8 @@ from flax import nnx
 import jaxlora
 from jaxlora.engine import steps
 from jaxlora.models import KVCache
-from jaxlora.types import Routed
 from jaxlora.models.attention import cache_bytes
+from jaxlora.types import Routed
 
 from ._harness import ratio, time_interleaved
 from ._setup import Setup, agreement, tol_check
@@ -47,7 +47,9 @@ NAME = "decode"
 TARGETS: dict[str, tuple[str, float]] = {"step_vs_roofline_256": ("<=", 1.5)}
 
 
-def prompt_cache(model, batch: int, prompt_len: int, max_len: int, seed: int, dtype=None) -> KVCache:
+def prompt_cache(
+    model, batch: int, prompt_len: int, max_len: int, seed: int, dtype=None
+) -> KVCache:
     """A cache holding `prompt_len` random tokens per row, room up to `max_len` slots."""
     cfg = model.config
     shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -67,13 +69,15 @@ def _inputs(batch: int, position: int, distinct: int) -> tuple[np.ndarray, np.nd
 
 def _step_chain(model, cache: KVCache, bank, distinct: int, routing: str):
     graphdef, state = nnx.split(model)
+    decode = steps.for_model(graphdef).decode
     held = {"cache": jax.tree_util.tree_map(jnp.copy, cache)}
     ints, floats = _inputs(cache.k[0].shape[0], int(cache.lengths[0]), distinct)
     ints, floats = jnp.asarray(ints), jnp.asarray(floats)
 
     def step() -> Any:
-        *out, held["cache"] = steps.decode(graphdef, state, held["cache"], bank, None, ints,
-                                           floats, routing=routing)  # fmt: skip
+        *out, held["cache"] = decode(
+            state, held["cache"], bank, None, ints, floats, routing=routing
+        )
         return out
 
     return step
@@ -188,8 +192,14 @@ def run(setup: Setup) -> dict[str, Any]:
     graphdef, state = nnx.split(model)
     tokens = jnp.ones((cfg.batch, 1), jnp.int32)
     top = max(counts)
-    single = _logits(graphdef, state, tokens, cache, jaxlora.select(
-        jaxlora.AdapterBank({"d0": adapters[0]}), "d0"), "auto")  # fmt: skip
+    single = _logits(
+        graphdef,
+        state,
+        tokens,
+        cache,
+        jaxlora.select(jaxlora.AdapterBank({"d0": adapters[0]}), "d0"),
+        "auto",
+    )
     checks = {}
     for method in cfg.methods:
         ids = jnp.asarray(np.arange(cfg.batch) % top, jnp.int32)
@@ -199,8 +209,9 @@ def run(setup: Setup) -> dict[str, Any]:
     timings = time_interleaved(chains, warmup=cfg.warmup, repeats=cfg.repeats)
     med = {name: t.median_s for name, t in timings.items()}
     c = model.config
-    kv_per_slot = cache_bytes(c.num_hidden_layers, cfg.batch, 1, c.num_key_value_heads,
-                              c.head_dim, model.dtype)  # fmt: skip
+    kv_per_slot = cache_bytes(
+        c.num_hidden_layers, cfg.batch, 1, c.num_key_value_heads, c.head_dim, model.dtype
+    )
     step_slope = _slope(lengths, [med[f"step/{n}"] for n in lengths])
     roof_slope = _slope(lengths, [med[f"roofline/{n}"] for n in lengths])
     bandwidth = ratio(kv_per_slot, roof_slope)  # bytes/s the roofline reads the cache at

@@ -33,13 +33,32 @@ from ._setup import Setup
 __all__ = ["main", "run"]
 
 
-def run(hidden: int, intermediate: int, layers: int, heads: int, vocab: int, batch: int,
-        prompt: int, new: int, adapters: int, rank: int, repeats: int) -> dict[str, Any]:  # fmt: skip
+def run(
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    vocab: int,
+    batch: int,
+    prompt: int,
+    new: int,
+    adapters: int,
+    rank: int,
+    repeats: int,
+) -> dict[str, Any]:
     """Build both sides, check the tokens, time them; returns the report."""
     import torch
 
-    cfg = BenchConfig(hidden=hidden, intermediate=intermediate, layers=layers, heads=heads,
-                      vocab=vocab, rank=rank, batch=batch, seq=prompt)  # fmt: skip
+    cfg = BenchConfig(
+        hidden=hidden,
+        intermediate=intermediate,
+        layers=layers,
+        heads=heads,
+        vocab=vocab,
+        rank=rank,
+        batch=batch,
+        seq=prompt,
+    )
     with tempfile.TemporaryDirectory(prefix="jaxlora-e2e-") as tmp:
         setup = Setup.build(cfg, Path(tmp))
         names = [f"e{i}" for i in range(adapters)]
@@ -48,8 +67,9 @@ def run(hidden: int, intermediate: int, layers: int, heads: int, vocab: int, bat
     tokens = setup.tokens(batch, prompt)
     stacked = jaxlora.stack(jaxlora.conform(bank))
     lora = stacked.route(rows)
-    config = EngineConfig(rows=batch, max_len=prompt + new, chunks=(prompt,),
-                          prefill_tokens=prompt * batch, slots=1)  # fmt: skip
+    config = EngineConfig(
+        rows=batch, max_len=prompt + new, chunks=(prompt,), prefill_tokens=prompt * batch, slots=1
+    )
     prompts = tokens.tolist()
     peft_model.generation_config.eos_token_id = None
     input_ids = torch.from_numpy(tokens).long()
@@ -59,9 +79,14 @@ def run(hidden: int, intermediate: int, layers: int, heads: int, vocab: int, bat
 
     def theirs():
         with torch.inference_mode():
-            return peft_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(
-                input_ids), adapter_names=rows, max_new_tokens=new, do_sample=False,
-                pad_token_id=0)  # fmt: skip
+            return peft_model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                adapter_names=rows,
+                max_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
 
     mine = np.asarray(ours().tokens)
     peer = theirs()[:, prompt:].numpy()
@@ -80,8 +105,9 @@ def run(hidden: int, intermediate: int, layers: int, heads: int, vocab: int, bat
         ],
         "ratios": {"jaxlora_vs_peft_tokens_per_s": ratio(tps["jaxlora"], tps["peft"])},
         "targets": {"jaxlora_vs_peft_tokens_per_s": ">= 3"},
-        "checks": {"rows_equal_peft": {"value": equal_rows, "of": batch,
-                                       "ok": equal_rows == batch}},  # fmt: skip
+        "checks": {
+            "rows_equal_peft": {"value": equal_rows, "of": batch, "ok": equal_rows == batch}
+        },
         "engine_config": dataclasses.asdict(config),
         "timings": {k: t.as_json() for k, t in timings.items()},
         "machine": machine_info(),
@@ -90,9 +116,19 @@ def run(hidden: int, intermediate: int, layers: int, heads: int, vocab: int, bat
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in [("hidden", 512), ("intermediate", 1376), ("layers", 4), ("heads", 8),
-                          ("vocab", 1024), ("batch", 32), ("prompt", 32), ("new", 32),
-                          ("adapters", 8), ("rank", 16), ("repeats", 5)]:  # fmt: skip
+    for name, default in [
+        ("hidden", 512),
+        ("intermediate", 1376),
+        ("layers", 4),
+        ("heads", 8),
+        ("vocab", 1024),
+        ("batch", 32),
+        ("prompt", 32),
+        ("new", 32),
+        ("adapters", 8),
+        ("rank", 16),
+        ("repeats", 5),
+    ]:
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--json", default=None, help="also write the report here")
     args = vars(parser.parse_args(argv))

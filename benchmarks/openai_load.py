@@ -1,15 +1,15 @@
 """Load test of the OpenAI-compatible server with clients in separate processes.
 
-Starts `jaxlora serve`'s app (`jaxlora.serve.openai`) on 127.0.0.1 in this process, then runs
-1 and `--clients` client processes (the real `openai` client, closed loop: each sends its
-requests one after the other). Requests mix 7 adapters and the base model, prompt lengths
-3-48 tokens, 4/16/32 new tokens, streamed and not. Every answer's tokens are compared with
-its single-request reference (the same request alone on a separate engine, offline); the
+Starts `jaxlora serve`'s app (`jaxlora.serve.openai`) on 127.0.0.1 in this process, then, for
+each count in `--clients`, that many client processes (the real `openai` client, closed loop:
+each sends its requests one after the other). Requests mix 7 adapters and the base model, prompt
+lengths 3-48 tokens, 4/16/32 new tokens, streamed and not. Every answer's tokens are compared
+with its single-request reference (the same request alone on a separate engine, offline); the
 report gives throughput (requests/s, generated tokens/s), latency p50 / p99 per client count,
 and the number of mismatches (expected: 0). Nothing is asserted on timings.
 
 Example:
-    $ python -m benchmarks.openai_load --requests 64 --clients 8 --json openai_load.json
+    $ python -m benchmarks.openai_load --requests 128 --clients 1,8,16 --json openai_load.json
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import jax
 
 import jaxlora
-from jaxlora.engine import Engine, EngineConfig, Request, SamplingParams
+from jaxlora.engine import Engine, EngineConfig, Request
 from jaxlora.models import Llama, LlamaConfig
 
 CONFIG = LlamaConfig(256, 64, 128, 2, 4, 2, 16)
@@ -118,7 +118,7 @@ def _run(url: str, bodies: list[dict[str, Any]], clients: int) -> tuple[float, l
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.openai_load")
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", default="1,8", help="client process counts, e.g. 1,8,16")
     parser.add_argument("--json", default=None, help="write the report here")
     args = parser.parse_args(argv)
 
@@ -143,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 Request(
                     tuple(b["prompt"]),
                     b["max_tokens"],
-                    None if b["model"] == MODEL else b["model"],
-                    SamplingParams(),
+                    adapter=None if b["model"] == MODEL else b["model"],
                 )
             ]
         )[0].tokens
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     server = ServerThread(create_app(service)).start()
     try:
-        for clients in sorted({1, args.clients}):
+        for clients in sorted({int(c) for c in args.clients.split(",")}):
             elapsed, results = _run(server.url, bodies, clients)
             latencies = sorted(r[0] for r in results)
             mismatches = sum(r[1] != ref for r, ref in zip(results, refs, strict=True))

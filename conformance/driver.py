@@ -59,7 +59,9 @@ CAPABILITIES = frozenset(
 #:   far (jaxlora: the jit cache size), to check SW-CONFORM-3.
 #: - `error_types: tuple[type[BaseException], ...]`: when set, every error the suite provokes must
 #:   be an instance of one of them (jaxlora: `JaxLoraError`, SW-ERROR-1).
-OPTIONAL_MEMBERS = ("versions", "select_targets", "compile_count", "error_types")
+#: - `few_shapes: bool`: True asks for a few fixed layouts and name sets only (a driver that
+#:   compiles per shape); default: whether it declares "compile_count" (SW-SUITE-9).
+OPTIONAL_MEMBERS = ("versions", "select_targets", "compile_count", "error_types", "few_shapes")
 
 
 @runtime_checkable

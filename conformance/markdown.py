@@ -76,7 +76,11 @@ def render_markdown(
     ]
     for cid, entry in report.clauses.items():
         status = entry["status"]
-        check = _failing_check(report, cid) if status not in ("pass", "not applicable") else ""
+        check = ""
+        if status not in ("pass", "not applicable"):
+            check = _failing_check(report, cid)
+        if status == "blocked" and not check:  # its checks failed on another clause
+            check = next(iter(entry["checks"]), "")
         old_status, old_why = previous.get(cid, ("", ""))
         if status == "pass":
             why = ""

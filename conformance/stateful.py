@@ -22,11 +22,12 @@ from jaxlora import reference
 from .compare import blame, expect_close, expect_equal, expect_error, oracle
 from .registry import clause
 from .strategies import adapter_specs, layouts, make_inputs, make_layers, on, precise_dtype
+from .world import NAME_SETS as WORLD_NAME_SETS
 
 __all__ = ["NAME_SETS", "OperationSequences"]
 
 #: The machine's three adapter names: identifiers, or (feature "names") other valid names.
-NAME_SETS = (("a", "b", "c"), ("my.adapter", "0", "a b"), ("default", "__base__", "ä名"))
+NAME_SETS = (("a", "b", "c"), *WORLD_NAME_SETS[:2])
 UNKNOWN = "no_such_adapter"
 
 

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 __all__ = [
     "LAYOUT_PRESETS",
+    "NAME_SETS",
     "SIMPLE_PRESETS",
     "Layout",
     "adapter_names",
@@ -66,9 +67,9 @@ def _plain(widths: tuple[int, ...]) -> Layout:
 
 #: Layouts without colliding names (the world when the "layouts" feature is off).
 SIMPLE_PRESETS = tuple(_plain(w) for w in ((4, 3, 5), (3, 6, 4, 2), (5, 4, 4, 3), (4, 6, 3)))
-#: The few layouts of drivers that compile per shape: plain ones and three adversarial ones.
+#: The few layouts of drivers that compile per shape: a plain one and four adversarial ones.
 LAYOUT_PRESETS = (
-    *SIMPLE_PRESETS[:2],
+    SIMPLE_PRESETS[0],
     Layout(("layers.1.q", "layers.11.q", "layers.1.xq", "head"), (5, 4, 4, 3, 4)),
     Layout(
         (
@@ -212,8 +213,20 @@ _NAME_CHARS = st.characters(
 )
 
 
-def adapter_names(n: int) -> st.SearchStrategy[tuple[str, ...]]:
-    """`n` distinct valid adapter names: special ones and random non-empty strings."""
+#: Fixed name sets (for drivers that compile per bank structure, `few_shapes`).
+NAME_SETS = (
+    ("my.adapter", "0", "a b"),
+    ("default", "__base__", "ä名"),
+    ("pop", "user/fr-v2", "None"),
+    ("lora_A", "keys", "blocks.0.q"),
+)
+
+
+def adapter_names(n: int, fixed: bool = False) -> st.SearchStrategy[tuple[str, ...]]:
+    """`n` distinct valid adapter names: special ones and random non-empty strings (only the
+    first `n` of one of `NAME_SETS` when `fixed`)."""
+    if fixed:
+        return st.sampled_from(NAME_SETS).map(lambda names: names[:n])
     text = st.text(_NAME_CHARS, min_size=1, max_size=8).filter(str.isprintable)
     name = st.one_of(st.sampled_from(SPECIAL_NAMES), text)
     return st.lists(name, min_size=n, max_size=n, unique=True).map(tuple)

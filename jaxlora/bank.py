@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -462,7 +462,7 @@ def trim(
         if like is not None and not isinstance(like, AdapterBank):
             raise ConfigError("trim(bank, like=...) takes the bank before conform as `like`.")
         missing = [] if like is None else [n for n in adapters.names if n not in like]
-        if missing:
+        if like is not None and missing:
             raise AdapterNotFoundError(
                 f"trim: `like` has no adapter {format_names(missing)} (it holds "
                 f"{format_names(like.names)}); give the bank before conform."
@@ -474,5 +474,5 @@ def trim(
             }
         )
     adapter = check_adapter("adapter", adapters, label="the adapter to trim")
-    ref = None if like is None else check_adapter("like", like, label="`like`")
+    ref = None if like is None else check_adapter("like", cast(Adapter, like), label="`like`")
     return _trim_adapter("adapter", adapter, ref)

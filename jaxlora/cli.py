@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 #: subcommand -> (module under jaxlora.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("demo_llama", "mixed-adapter batch generation on a tiny Llama, checked per row"),
+    "demo": ("demo_tasks", "train small adapters on character tasks, then run them in one batch"),
+    "demo-llama": ("demo_llama", "PEFT adapters on a tiny Llama, one mixed batch checked per row"),
     "switch-demo": ("demo", "switch one jitted forward through 8 adapters, checked vs NumPy"),
     "generate": ("generate", "generate from JSONL requests, each on its own adapter"),
     "inspect": ("inspect", "list the adapters of a PEFT directory and whether they load"),

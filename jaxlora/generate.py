@@ -32,7 +32,6 @@ import numpy as np
 
 from .engine import Engine, EngineConfig, Request, SamplingParams
 from .engine import compile_counts as _engine_compile_counts
-from .engine import steps as _steps
 from .errors import ConfigError
 from .models.llama import Llama, check_lora
 from .types import NO_ADAPTER, LoraSelection, Routed, Routing
@@ -40,9 +39,6 @@ from .types import NO_ADAPTER, LoraSelection, Routed, Routing
 __all__ = ["Generation", "compile_counts", "default_config", "generate"]
 
 Array = jax.Array
-
-#: The jitted decode step every engine shares (one executable per shape set).
-_decode_step = _steps.decode
 
 
 @dataclasses.dataclass(frozen=True)

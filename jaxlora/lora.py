@@ -369,7 +369,7 @@ def add_lora(
             if lora.dropout is not None:
                 rate = _dropout_rate(lora.dropout, len(lora.adapters), "active adapter")
                 rate = rate if rate.ndim == 0 else rate[i]
-                xi = lora_input(x2, lora.dropout, path, i, jnp.result_type(x2, w.a), rate)
+                xi = lora_input(x2, lora.dropout, path, i or 0, jnp.result_type(x2, w.a), rate)
             live.append((on, lora.gate[i], lora_delta(xi, w).reshape(y.shape)))
     if not live:
         return y

@@ -143,12 +143,35 @@ def routed_delta(x: Array, stacked: LoraWeights, ids: Array, *, routing: Routing
     slots = stacked.a.shape[0]
     _check_ids_in_range(ids, slots)
     dtype = jnp.result_type(x.dtype, stacked.a.dtype)
+    broken = jnp.zeros(ids.shape, bool)
+    if routing != "gather":  # these contract over every slot: a NaN slot would reach all rows
+        stacked, finite = _finite_slots(stacked)
+        broken = (ids >= 0) & ~finite[jnp.clip(ids, 0, slots - 1)]
     d = _KERNELS[routing](x, stacked, ids, dtype)
     d = jnp.where(_row_mask(ids == NO_ADAPTER, d.ndim), jnp.zeros((), dtype), d)
     # SW-ROUTE-4: under jit an out-of-range id cannot raise; its row turns NaN, never a silent
-    # fallback to the base model or to another slot.
-    out_of_range = (ids < NO_ADAPTER) | (ids >= slots)
-    return jnp.where(_row_mask(out_of_range, d.ndim), jnp.asarray(jnp.nan, dtype), d)
+    # fallback to the base model or to another slot. SW-NUM-3: a non-finite slot's own rows
+    # turn NaN and no other row sees it.
+    bad = (ids < NO_ADAPTER) | (ids >= slots) | broken
+    return jnp.where(_row_mask(bad, d.ndim), jnp.asarray(jnp.nan, dtype), d)
+
+
+def _finite_slots(stacked: LoraWeights) -> tuple[LoraWeights, Array]:
+    """SW-NUM-3 for kernels that contract over every slot (`onehot`, `ragged`, where 0 * NaN is
+    NaN): the weights with non-finite slots zeroed, and which slots are finite (`[S]`). One
+    reduction over the bank, which those kernels read whole anyway."""
+    finite = (
+        jnp.all(jnp.isfinite(stacked.a), axis=(1, 2))
+        & jnp.all(jnp.isfinite(stacked.b), axis=(1, 2))
+        & jnp.isfinite(stacked.scale)
+    )
+    keep = finite[:, None, None]
+    safe = LoraWeights(
+        jnp.where(keep, stacked.a, jnp.zeros((), stacked.a.dtype)),
+        jnp.where(keep, stacked.b, jnp.zeros((), stacked.b.dtype)),
+        jnp.where(finite, stacked.scale, jnp.zeros((), stacked.scale.dtype)),
+    )
+    return safe, finite
 
 
 def _check_ids_in_range(ids: Array, slots: int) -> None:

@@ -29,8 +29,9 @@ def make_bank(model: Llama, n: int = 5) -> jaxlora.AdapterBank:
     changes the greedy tokens of the random model."""
     bank = jaxlora.AdapterBank()
     for i in range(n):
-        cfg = jaxlora.LoraConfig(r=2 + i % 3, lora_alpha=8, target_modules=TARGETS[i % 5],
-                                 init_lora_weights=False)  # fmt: skip
+        cfg = jaxlora.LoraConfig(
+            r=2 + i % 3, lora_alpha=8, target_modules=TARGETS[i % 5], init_lora_weights=False
+        )
         adapter = jaxlora.init_adapter(jax.random.key(i), cfg, model.lora_shapes())
         bank = bank.add(
             f"a{i}", {p: dataclasses.replace(w, b=w.b * 30) for p, w in adapter.items()}
@@ -50,8 +51,9 @@ def alone(model, bank, request: Request, config: EngineConfig = CONFIG):
 
 def greedy_reference(model, bank, request: Request) -> list[int]:
     """Greedy tokens from the full forward over prompt + tokens so far (no cache, no engine)."""
-    lora = None if request.adapter is None else jaxlora.select(jaxlora.conform(bank),
-                                                                request.adapter)  # fmt: skip
+    lora = (
+        None if request.adapter is None else jaxlora.select(jaxlora.conform(bank), request.adapter)
+    )
     tokens, out = list(request.tokens), []
     for _ in range(request.max_new_tokens):
         logits = np.asarray(forward(model, np.asarray([tokens]), lora=lora))[0, -1]

@@ -1,4 +1,4 @@
-"""The `jaxlora demo`, `generate` and `inspect` commands (specs/model.md, SW-CLI-*).
+"""The `jaxlora demo-llama`, `generate` and `inspect` commands (specs/model.md, SW-CLI-*).
 
 None of these tests needs torch, transformers or PEFT: the demo writes its checkpoint and
 adapters with jaxlora itself (SW-CLI-1 checks that in a process where they cannot be imported).
@@ -28,7 +28,7 @@ from jaxlora.errors import CheckpointError
 from jaxlora.models import load_llama
 from jaxlora.types import Active, Routed
 
-MINE = ("demo", "generate", "inspect")
+MINE = ("demo-llama", "generate", "inspect")
 
 
 @pytest.fixture(autouse=True)
@@ -39,14 +39,14 @@ def only_these_commands(monkeypatch):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """`jaxlora demo` on a fresh cache directory: (root, exit code, stdout)."""
+    """`jaxlora demo-llama` on a fresh cache directory: (root, exit code, stdout)."""
     root = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JAXLORA_CACHE", str(root))
         mp.setattr(cli, "COMMANDS", {k: cli.COMMANDS[k] for k in MINE})
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            code = cli.main(["demo"])
+            code = cli.main(["demo-llama"])
     return root, code, out.getvalue()
 
 
@@ -81,7 +81,7 @@ def test_llama_demo_reuses_its_cache_and_fails_on_mismatch(demo, monkeypatch, ca
 
     monkeypatch.setattr(generate_module, "generate", corrupt_single_rows)
     monkeypatch.setenv("JAXLORA_CACHE", str(root))
-    assert cli.main(["demo"]) == 1  # same shapes as the first run: no new compiles
+    assert cli.main(["demo-llama"]) == 1  # same shapes as the first run: no new compiles
     captured = capsys.readouterr()
     assert "FAILED" in captured.err and " NO" in captured.out
     assert (root / "llama" / "model.safetensors").stat().st_mtime_ns == stamp
@@ -236,7 +236,7 @@ def test_llama_demo_needs_two_new_tokens(demo, monkeypatch, capsys, n):
     """SW-CLI-1: --max-new-tokens below 2 exits 2 with a message instead of a traceback."""
     root, _, _ = demo
     monkeypatch.setenv("JAXLORA_CACHE", str(root))
-    assert cli.main(["demo", "--max-new-tokens", n]) == 2
+    assert cli.main(["demo-llama", "--max-new-tokens", n]) == 2
     assert f"--max-new-tokens must be at least 2 (the decode step only runs from the second " \
         f"token on), got {n}" in capsys.readouterr().err  # fmt: skip
 
@@ -247,7 +247,7 @@ def test_llama_demo_twice_in_one_process(demo, monkeypatch, capsys):
     0 decode compiles, and a recompiling second batch fails."""
     root, _, _ = demo
     monkeypatch.setenv("JAXLORA_CACHE", str(root))
-    assert cli.main(["demo"]) == 0
+    assert cli.main(["demo-llama"]) == 0
     assert re.search(r"decode-step compiles .*: 0$", capsys.readouterr().out, re.M)
     real = generate_module.generate
     calls = []
@@ -260,7 +260,7 @@ def test_llama_demo_twice_in_one_process(demo, monkeypatch, capsys):
         return real(model, prompts, lora=lora, **kw)
 
     monkeypatch.setattr(generate_module, "generate", recompile_second_batch)
-    assert cli.main(["demo"]) == 1
+    assert cli.main(["demo-llama"]) == 1
     assert "recompiled" in capsys.readouterr().err
 
 
@@ -324,7 +324,7 @@ class Blocked:
 
 sys.meta_path.insert(0, Blocked())
 from jaxlora import cli
-code = cli.main(["demo"])
+code = cli.main(["demo-llama"])
 print("imported:", sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r}))
 sys.exit(code)
 """
@@ -355,7 +355,7 @@ def test_llama_demo_refuses_a_foreign_cache_directory(tmp_path, capsys):
     naming the directory and the fix, the files untouched."""
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "notes.txt").write_text("mine")
-    assert cli.main(["demo", "--cache-dir", str(tmp_path)]) == 2
+    assert cli.main(["demo-llama", "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"cannot write the demo files under {tmp_path}" in err
     assert "refusing to replace it" in err and "--cache-dir or $JAXLORA_CACHE" in err

@@ -210,7 +210,8 @@ def test_module_entry_point_and_pytest_plugin():
 @pytest.mark.clause("SW-SUITE-8")
 def test_markdown_report_keeps_explanations_of_unchanged_rows(tmp_path, capsys):
     """SW-SUITE-8: --markdown writes one row per clause with the run's status; a regenerated
-    report keeps an explanation only while its clause's status is unchanged."""
+    report keeps an explanation only while its clause's status is unchanged, and keeps the
+    `## Appendix` section as it is."""
     md = tmp_path / "report.md"
     driver = f"{BROKEN}:UnknownIsBaseDriver"
     argv = ["--driver", driver, "--clauses", "SW-ACTIVE-*", "--markdown", str(md)]
@@ -219,9 +220,12 @@ def test_markdown_report_keeps_explanations_of_unchanged_rows(tmp_path, capsys):
     text = md.read_text()
     assert "--clauses SW-ACTIVE-*" in text and "| SW-ACTIVE-2 | pass |  |  |" in text
     assert re.search(r"\| SW-ACTIVE-3 \| fail \| \w+ \| TODO: explain \|", text)
-    md.write_text(text.replace("TODO: explain", "Unknown names fall back to the base."))
+    appendix = "## Appendix: scripts\n\n```python\nassert True  # | SW-ACTIVE-3 | pass |\n```\n"
+    md.write_text(text.replace("TODO: explain", "Unknown names fall back to the base.") + appendix)
     _run(capsys, *argv)
-    assert re.search(r"\| SW-ACTIVE-3 \| fail \| \w+ \| Unknown names fall back", md.read_text())
+    again = md.read_text()
+    assert re.search(r"\| SW-ACTIVE-3 \| fail \| \w+ \| Unknown names fall back", again)
+    assert again.endswith("\n" + appendix) and again.count("## Appendix") == 1
     fixed = ["--driver", "reference", "--clauses", "SW-ACTIVE-*", "--markdown", str(md)]
     assert _run(capsys, *fixed)[0] == 0
     assert "| SW-ACTIVE-3 | pass |  |  |" in md.read_text()

@@ -31,7 +31,6 @@ from jaxlora.engine import (
     RequestTooLargeError,
     SamplingParams,
     step_key,
-    steps,
 )
 from jaxlora.errors import AdapterNotFoundError, ConfigError
 from jaxlora.generate import generate
@@ -123,21 +122,27 @@ def test_compiles_exactly_the_stated_shapes_and_nothing_more(world):
     """SW-ENGINE-3: a run touching every chunk size, sampling settings and swap-ins compiles
     one decode step and one prefill per chunk; a second run compiles nothing at all."""
     model, bank = world
-    config = EngineConfig(rows=3, max_len=44, chunks=(2, 8, 16), prefill_tokens=16, slots=2,
-                          rank=4)  # fmt: skip
-    assert config.compiled_shapes() == {"decode": (3, 1), "prefill/2": (8, 2),
-                                        "prefill/8": (2, 8), "prefill/16": (1, 16)}  # fmt: skip
+    config = EngineConfig(rows=3, max_len=44, chunks=(2, 8, 16), prefill_tokens=16, slots=2, rank=4)
+    assert config.compiled_shapes() == {
+        "decode": (3, 1),
+        "prefill/2": (8, 2),
+        "prefill/8": (2, 8),
+        "prefill/16": (1, 16),
+    }
     engine = store_engine(model, bank, config)
     rng = np.random.default_rng(0)
 
     def workload():
         return [
-            Request(tuple(rng.integers(0, 64, n).tolist()), int(rng.integers(1, 6)),
-                    [None, "a0", "a1", "a2", "a3", "a4"][i % 6],
-                    SamplingParams(float(i % 2), i % 4, [1.0, 0.7][i % 2], i),
-                    stop_tokens=(int(rng.integers(64)),))
+            Request(
+                tuple(rng.integers(0, 64, n).tolist()),
+                int(rng.integers(1, 6)),
+                [None, "a0", "a1", "a2", "a3", "a4"][i % 6],
+                SamplingParams(float(i % 2), i % 4, [1.0, 0.7][i % 2], i),
+                stop_tokens=(int(rng.integers(64)),),
+            )
             for i, n in enumerate([1, 2, 5, 8, 13, 16, 23, 38])
-        ]  # fmt: skip
+        ]
 
     engine.generate(workload())
     plans = {c for n in [1, 2, 5, 8, 13, 16, 23, 38] for c in config.chunk_plan(n)}
@@ -150,13 +155,17 @@ def test_compiles_exactly_the_stated_shapes_and_nothing_more(world):
 
 
 def _compiled(engine: Engine, chunk: int):
-    args = (engine._graphdef, engine._state, engine._cache, engine._bank, engine._fixed)
+    args = (engine._state, engine._cache, engine._bank, engine._fixed)
     ints, floats = engine.pool.decode_arrays()
-    decode = steps.decode.lower(*args, ints, floats, routing="auto").compile()
+    decode = engine.steps.decode.lower(*args, ints, floats, routing="auto").compile()
     p = engine.config.prefill_rows(chunk)
-    prefill = steps.prefill.lower(*args, np.zeros((p, chunk), np.int32),
-                                  np.zeros((p, 7), np.int32), np.zeros((p, 2), np.float32),
-                                  routing="auto").compile()  # fmt: skip
+    prefill = engine.steps.prefill.lower(
+        *args,
+        np.zeros((p, chunk), np.int32),
+        np.zeros((p, 7), np.int32),
+        np.zeros((p, 2), np.float32),
+        routing="auto",
+    ).compile()
     return decode.memory_analysis(), prefill.memory_analysis()
 
 
@@ -175,8 +184,7 @@ def test_the_kv_cache_is_bounded_and_updated_in_place(world):
         assert held == attention.cache_bytes(
             cfg.num_hidden_layers, rows, max_len, cfg.num_key_value_heads, cfg.head_dim, jnp.float32
         )
-        assert engine._cache.k[0].shape == (rows, cfg.num_key_value_heads, max_len,
-                                             cfg.head_dim)  # fmt: skip
+        assert engine._cache.k[0].shape == (rows, cfg.num_key_value_heads, max_len, cfg.head_dim)
     (d_short, p_4), (d_long, _), (_, p_16) = (_compiled(e, 16) for e in engines.values())
     keys_growth = engines[4, 512]._cache.k[0].nbytes - engines[4, 128]._cache.k[0].nbytes
     assert d_long.temp_size_in_bytes - d_short.temp_size_in_bytes < keys_growth
@@ -194,8 +202,9 @@ def test_the_kv_cache_is_bounded_and_updated_in_place(world):
 def _reference_sample(model, bank, request: Request, out: list[int]) -> list[int]:
     """SW-ENGINE-4 computed from the text: full forward per step, NumPy filtering."""
     s = request.sampling
-    lora = None if request.adapter is None else jaxlora.select(jaxlora.conform(bank),
-                                                                request.adapter)  # fmt: skip
+    lora = (
+        None if request.adapter is None else jaxlora.select(jaxlora.conform(bank), request.adapter)
+    )
     chosen = []
     for t in range(len(out)):
         prefix = list(request.tokens) + out[:t]
@@ -322,13 +331,16 @@ def test_generate_is_the_engine(world):
     kwargs = dict(max_new_tokens=5, temperature=0.9, top_k=8, seed=[1, 2, 3, 4], config=CONFIG)
     out = generate(model, prompts, lora=stacked.route(names), **kwargs)
     engine = Engine(model, CONFIG, bank=stacked)
-    requests = [Request(tuple(p), 5, n, SamplingParams(0.9, 8, 1.0, s))
-                for p, n, s in zip(prompts, names, [1, 2, 3, 4], strict=True)]  # fmt: skip
+    requests = [
+        Request(tuple(p), 5, n, SamplingParams(0.9, 8, 1.0, s))
+        for p, n, s in zip(prompts, names, [1, 2, 3, 4], strict=True)
+    ]
     for i, res in enumerate(engine.generate(requests)):
         assert out.rows()[i] == res.tokens
         np.testing.assert_array_equal(out.logprobs[i, : len(res.tokens)], res.logprobs)
-        one = generate(model, [prompts[i]], lora=stacked.route([names[i]]),
-                       **kwargs | {"seed": [i + 1]})  # fmt: skip
+        one = generate(
+            model, [prompts[i]], lora=stacked.route([names[i]]), **kwargs | {"seed": [i + 1]}
+        )
         assert one.rows()[0] == res.tokens
     greedy = generate(model, prompts, lora=stacked.route(names), max_new_tokens=5)
     for i, row in enumerate(greedy.rows()):

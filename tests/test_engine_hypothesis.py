@@ -50,8 +50,9 @@ def workload(draw):
         tokens = tuple(draw(st.lists(st.integers(0, 63), min_size=length, max_size=length)))
         new = draw(st.integers(1, min(12, CONFIG.max_len - length)))
         stop = tuple(draw(st.lists(st.integers(0, 63), max_size=2)))
-        out.append((arrival, Request(tokens, new, draw(st.sampled_from(ADAPTERS)),
-                                     draw(sampling), stop)))  # fmt: skip
+        out.append(
+            (arrival, Request(tokens, new, draw(st.sampled_from(ADAPTERS)), draw(sampling), stop))
+        )
     return out
 
 

@@ -212,3 +212,27 @@ def test_bad_checkpoint_contents_are_refused_before_writing(tmp_path, tensors, c
     with pytest.raises(ConfigError, match=message):
         save_hf_checkpoint(tmp_path / "ck", tensors, config)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.clause("SW-LLAMA-7")
+def test_writing_another_family_is_refused_by_name(tmp_path):
+    """SW-LLAMA-7: `save_llama` writes Llama checkpoints only; a Qwen3 model is refused with an
+    error naming its model_type, and nothing is written."""
+    from jaxlora.errors import UnsupportedFeatureError
+    from jaxlora.models import Llama, LlamaConfig, save_llama
+
+    config = LlamaConfig.from_dict(
+        {
+            "model_type": "qwen3",
+            "vocab_size": 64,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 8,
+        }
+    )
+    with pytest.raises(UnsupportedFeatureError, match="'qwen3' checkpoint is not supported"):
+        save_llama(tmp_path / "out", Llama.random(config))
+    assert not (tmp_path / "out").exists()

@@ -218,7 +218,8 @@ def test_key_map_collision(saved):
 def test_paths_the_model_lacks_are_listed(saved):
     """SW-IO-9: every path the model lacks is listed, with the model's layers, and the advice
     names the key map arguments that exist."""
-    with pytest.raises(TargetNotFoundError, match=r"'blocks.0.q', 'blocks.1.v' \(2 layer\(s\)\)") as e:
+    missing = r"'blocks.0.q', 'blocks.1.v' \(2 layer\(s\)\)"
+    with pytest.raises(TargetNotFoundError, match=missing) as e:
         load_peft(saved, layer_shapes={"other": (4, 6)})
     assert "Accepted paths: 'other'" in str(e.value)
     assert "`key_map=` of jaxlora.io.load_peft / load_peft_adapter" in str(e.value)

@@ -41,7 +41,9 @@ def reference(world):
         stop = tuple(service_eos(world)) if stop is None else tuple(stop)
         key = (tuple(tokens), adapter, n, sampling, stop)
         if key not in memo:
-            request = Request(tuple(tokens), n, adapter, sampling, stop)
+            request = Request(
+                tuple(tokens), n, adapter=adapter, sampling=sampling, stop_tokens=stop
+            )
             memo[key] = engine.generate([request])[0]
         return memo[key]
 

@@ -31,7 +31,7 @@ from openai_support import (
 from prometheus_client.parser import text_string_to_metric_families
 
 import jaxlora
-from jaxlora.engine import Request, SamplingParams
+from jaxlora.engine import Request
 from jaxlora.serve.errors import BadRequestError
 from jaxlora.serve.hooks import RoutingHooks
 from jaxlora.serve.registry import content_hash
@@ -93,7 +93,8 @@ def reference(world):
         if adapter_name is not None and adapter_name not in added:
             engine.add_adapter(adapter_name, adapter)
             added.add(adapter_name)
-        return engine.generate([Request(tuple(tokens), n, adapter_name, SamplingParams(), stop)])[0]
+        request = Request(tuple(tokens), n, adapter=adapter_name, stop_tokens=stop)
+        return engine.generate([request])[0]
 
     return run
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ pytest.importorskip("torch")
 pytest.importorskip("peft")
 from conformance.drivers.peft_driver import PeftDriver
 
+REPORT = Path(__file__).resolve().parent.parent / "specs" / "peft-deviations.md"
 PATHS = ["blocks.0.q", "blocks.0.o", "head"]
 WIDTHS = [4, 6, 5, 3]
 
@@ -117,3 +120,35 @@ def test_import_without_torch_is_a_clean_import_error(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     with pytest.raises(ImportError, match="needs torch and peft"):
         spec.loader.exec_module(module)
+
+
+@pytest.mark.clause("SW-IO-11")
+def test_an_adapter_targets_only_its_own_paths_when_paths_collide():
+    """SW-IO-11: with layers `q` and `blocks.0.q`, an adapter for `q` alone changes only `q`
+    (PEFT's list rule would also wrap `blocks.0.q`, with random factors, so the driver passes
+    a regex that fullmatch-es exactly the adapter's paths then)."""
+    rng = np.random.default_rng(1)
+    layers = [(p, rng.normal(size=(3, 3)) / 2, rng.normal(size=3) / 2) for p in ("q", "blocks.0.q")]
+    adapter = RefAdapter(1, 2.0, {"q": (rng.normal(size=(3, 1)), rng.normal(size=(1, 3)))})
+    driver = PeftDriver()
+    driver.build(layers, "float64")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        driver.add_adapter("a", adapter)
+    driver.set_active("a")
+    x = rng.normal(size=(2, 3))
+    assert_oracle(driver.forward(x), layers, x, [adapter])
+
+
+@pytest.mark.clause("SW-SUITE-8")
+def test_deviation_scripts_reproduce_with_peft_alone():
+    """SW-SUITE-8: every standalone script in the appendix of specs/peft-deviations.md runs
+    with the installed PEFT and its assertion (the deviation) holds; one that fails means PEFT
+    changed: regenerate the report and update its explanations."""
+    text = REPORT.read_text(encoding="utf-8")
+    scripts = re.findall(r"```python\n(.*?)```", text[text.index("## Appendix") :], re.S)
+    assert len(scripts) >= 6
+    for i, script in enumerate(scripts):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exec(compile(script, f"peft-deviations.md script {i}", "exec"), {"__name__": "x"})

@@ -76,8 +76,8 @@ def assert_close(y, want):
 @given(cases(dtype_pairs=F32, max_adapters=3), st.data(), st.sampled_from(ROUTINGS))
 def test_spec_chain_takes_every_selection_kind(case, data, routing):
     """SW-SEAM-1, SW-FORWARD-1: `jaxlora.forward(model, x, lora=..., routing=...)` equals the
-    oracle for one adapter, several, the base model through the bank's structure (SW-ACTIVE-4) and a routed
-    batch with base rows (SW-MIXED-1)."""
+    oracle for one adapter, several, the base model through the bank's structure
+    (SW-ACTIVE-4) and a routed batch with base rows (SW-MIXED-1)."""
     kind, value = data.draw(selections(case.names, case.x.shape[0]))
     lora = build_lora(case.bank, kind, value)
     y = jax.jit(jaxlora.forward, static_argnames="routing")(

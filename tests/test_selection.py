@@ -66,8 +66,9 @@ def test_gated_off_adapter_is_a_select_not_an_added_zero():
 
 @pytest.mark.clause("SW-ACTIVE-4", "SW-FORWARD-1")
 def test_gates_pick_which_of_several_adapters_apply():
-    """SW-ACTIVE-4, SW-FORWARD-1: with several adapters, each gate switches its own delta: gates (on, off, on)
-    equal selecting the first and third adapter, bitwise (same arithmetic, same order)."""
+    """SW-ACTIVE-4, SW-FORWARD-1: with several adapters, each gate switches its own delta:
+    gates (on, off, on) equal selecting the first and third adapter, bitwise (same
+    arithmetic, same order)."""
     model, bank = _bank(3)
     x = jax.random.normal(jax.random.key(6), (2, 8))
     fwd = jax.jit(jaxlora.forward)

@@ -357,6 +357,17 @@ def test_step_and_batch_errors():
     state = train.init_slots(opt, jaxlora.stack(jaxlora.AdapterBank({"a": ad})))
     with pytest.raises(ConfigError, match=r"needs batch\.ids"):
         slots(state, lm.base, batch_of(0), jax.random.key(0))
+    with pytest.raises(ConfigError, match=r"takes a jaxlora\.train\.Batch"):
+        step(train.init(opt, ad), lm.base, (batch_of(0).tokens,), jax.random.key(0))
+    with pytest.raises(ShapeMismatchError, match=r"must both be \[rows, length\]"):
+        step(
+            train.init(opt, ad), lm.base, train.Batch(jnp.ones((2, 3, 1), int), jnp.ones((2, 3))), 0
+        )
+    wrong_ids = train.make_batch([([], [1, 2])] * 2, 3, ids=[0, 0])._replace(ids=jnp.zeros(3, int))
+    with pytest.raises(ShapeMismatchError, match=r"batch.ids has shape \(3,\); it needs one value"):
+        slots(state, lm.base, wrong_ids, jax.random.key(0))
+    with pytest.raises(ShapeMismatchError, match=r"must be \[B, T, vocab\] for tokens"):
+        train.token_nll(jnp.zeros((1, 3, 4)), jnp.zeros((1, 2), int), jnp.zeros((1, 2)))
     with pytest.raises(ConfigError, match="`accumulate` must be a positive int"):
         train.make_step(opt, lm.logits, accumulate=0)
     with pytest.raises(ConfigError, match=r"`dropout` must be a probability in \[0, 1\)"):

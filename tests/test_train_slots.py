@@ -132,7 +132,7 @@ def test_out_of_set_and_rowless_slots_keep_their_state_and_joins_do_not_recompil
     state = train.set_training(state, 0, False)
     state = run_slots(lm, stacked, step, state=state)
     assert same(slot_leaves(state, 0), kept) and int(state.steps[1]) == 2 * STEPS
-    cfg = jaxlora.LoraConfig(r=1, lora_alpha=3, target_modules=["k_proj"])
+    cfg = jaxlora.LoraConfig(r=1, lora_alpha=3, target_modules=["q_proj"])
     new = jaxlora.init_adapter(jax.random.key(9), cfg, lm.shapes)
     state = train.set_slot(state, OPT, 1, new, donate=False)
     assert int(state.steps[1]) == 0

@@ -7,7 +7,7 @@ Run by `make check-wheel` (part of `make test`, so of `.ci/run`):
 
 Checks: the wheel holds the top-level packages `jaxlora` (with `py.typed`) and `conformance` and
 nothing else; in the fresh venv, run from an empty directory (so the checkout is not on
-`sys.path`), `python -m jaxlora --help` exits 0, `jaxlora switch-demo` and `jaxlora demo` exit 0
+`sys.path`), `python -m jaxlora --help` exits 0, `jaxlora demo` and `jaxlora demo-llama` exit 0
 (`JAXLORA_CACHE` in the temporary directory), and `import benchmarks` fails, as do `tests`,
 `torch`, `transformers` and `peft` (test dependencies only). Needs the package registry for the
 build backend and the dependencies; exits 1 naming the first check that failed.
@@ -91,7 +91,7 @@ def check_installed(wheel: Path, tmp: Path) -> None:
         raise CheckFailed(f"`python -m jaxlora --help` lists no demo or benchmarks note:\n{out}")
     print("ok: python -m jaxlora --help", flush=True)
 
-    for demo in ("switch-demo", "demo"):  # what `make demo` runs
+    for demo in ("demo", "demo-llama"):  # `make demo`'s main job, and the Llama + PEFT files demo
         print(run([bin_dir / "jaxlora", demo], cwd=here, env=env).rstrip(), flush=True)
         print(f"ok: jaxlora {demo}", flush=True)
 

@@ -66,7 +66,7 @@ def _pattern_examples(driver) -> list[Scenario]:
     `layers.11.q`), two keys matching one path in both orders, an unescaped dot, a regex key."""
     if not all(on(driver, f) for f in ("patterns", "layouts", "scaled")):
         return []  # examples use only features that are on (attribution re-runs)
-    layout = LAYOUT_PRESETS[2]  # layers.1.q, layers.11.q, layers.1.xq, head
+    layout = LAYOUT_PRESETS[1]  # layers.1.q, layers.11.q, layers.1.xq, head
     dtype = precise_dtype(driver)
 
     def case(rank_pattern, alpha_pattern=(), rslora=False):

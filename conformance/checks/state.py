@@ -25,7 +25,7 @@ from ..compare import (
 )
 from ..registry import clause
 from ..strategies import SIMPLE_PRESETS, AdapterSpec, Scenario, on, precise_dtype, scenarios
-from ..world import adapter_names
+from ..world import adapter_names, few_shapes
 
 _MISSING = "no_such_adapter"
 
@@ -160,7 +160,7 @@ def _named_cases(draw, driver):
     n = draw(st.integers(2, 3))
     simple = st.sampled_from(SIMPLE_PRESETS)
     sc = draw(scenarios(driver, n_adapters=(n, n), patterns=False, layout=simple, batches=(4,)))
-    names = draw(adapter_names(n)) if on(driver, "names") else tuple(sc.names())
+    names = draw(adapter_names(n, few_shapes(driver))) if on(driver, "names") else tuple(sc.names())
     return sc, names
 
 

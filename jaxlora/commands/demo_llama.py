@@ -1,4 +1,4 @@
-"""`jaxlora demo`: one batch whose rows use different PEFT adapters on a tiny Llama.
+"""`jaxlora demo-llama`: one batch whose rows use different PEFT adapters on a tiny Llama.
 
 On first use it writes, into a cache directory (`$JAXLORA_CACHE`, default
 `~/.cache/jaxlora/demo`), a tiny random Llama checkpoint (`jaxlora.models.save_llama`: the files
@@ -12,8 +12,8 @@ already compiled; the second batch, a new adapter assignment, must add none), an
 mismatch or recompilation; `--max-new-tokens` below 2 exits 2.
 
 Example:
-    $ jaxlora demo
-    $ JAXLORA_CACHE=/tmp/demo jaxlora demo --max-new-tokens 8
+    $ jaxlora demo-llama
+    $ JAXLORA_CACHE=/tmp/demo jaxlora demo-llama --max-new-tokens 8
 """
 
 from __future__ import annotations
@@ -170,8 +170,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 2:
         print(
-            f"jaxlora demo: error: --max-new-tokens must be at least 2 (the decode step only runs "
-            f"from the second token on), got {args.max_new_tokens}.",
+            f"jaxlora demo-llama: error: --max-new-tokens must be at least 2 (the decode step "
+            f"only runs from the second token on), got {args.max_new_tokens}.",
             file=sys.stderr,
         )
         return 2
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         model_dir, adapter_dir = ensure_demo_files(root)
     except (JaxLoraError, OSError) as err:
         print(
-            f"jaxlora demo: error: cannot write the demo files under {root}: {err} "
+            f"jaxlora demo-llama: error: cannot write the demo files under {root}: {err} "
             "Point --cache-dir or $JAXLORA_CACHE at a new or empty directory.",
             file=sys.stderr,
         )

@@ -1,4 +1,4 @@
-"""`jaxlora demo` (tasks): train a few small adapters on character tasks, then run them together.
+"""`jaxlora demo`: train a few small adapters on character tasks, then run them together.
 
 What it shows, on a tiny random Llama and a character-level tokenizer built locally with the
 `tokenizers` package (no download):
@@ -20,7 +20,7 @@ adapter gets fewer than 90% of the held-out characters right, or the mixed batch
 than once.
 
 Example:
-    $ jaxlora demo              # (when `jaxlora demo` runs this module)
+    $ jaxlora demo
     $ python -m jaxlora.commands.demo_tasks --retrain
 """
 
@@ -104,7 +104,7 @@ def char_tokenizer():
     Example:
         >>> tok = char_tokenizer()
         >>> tok.encode("hi!").ids, tok.decode(tok.encode("hi!").ids)
-        ([1, 12, 13, 62], 'hi!')
+        ([1, 12, 13, 59], 'hi!')
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
@@ -152,6 +152,7 @@ def _random_text(rng, count: int) -> list[str]:
 def _train(model, tok, log: Callable[[str], None]):
     """The trained adapters (an `AdapterBank`, each with its own rank and targets)."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
     import optax
 
@@ -174,7 +175,8 @@ def _train(model, tok, log: Callable[[str], None]):
         prompts = _random_text(rng, per * len(names))
         tasks = [names[i // per] for i in range(len(prompts))]
         tokens, mask = _rows(tok, prompts, tasks)
-        batch = train.Batch(tokens, mask, np.repeat(np.arange(len(names)), per).astype(np.int32))
+        ids = np.repeat(np.arange(len(names), dtype=np.int32), per)
+        batch = train.Batch(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(ids))
         state, metrics = step(state, lm.base, batch, jax.random.key(k))
         if (k + 1) % 50 == 0 or k == 0:
             losses = ", ".join(
@@ -279,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     print(f"model {model_dir}  adapters {adapter_dir}")
     for name in bank.names:
-        cfg = json.loads((adapter_dir / name / "adapter_config.json").read_text())
+        cfg = json.loads((adapter_dir / name / jaxlora.io.ADAPTER_CONFIG_NAME).read_text())
         print(
             f"  {name:<7} r={cfg['r']} lora_alpha={cfg['lora_alpha']} "
             f"targets={len(cfg['target_modules'])} layers"
@@ -300,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
             right[name][1] += len(want)
             mark = f"{hits}/{len(want)}"
         print(f"{i:>3}  {name or '(base)':<8} {text!r:<14} {wrote!r:<14} {want!r:<14} {mark}")
-    compiles = fn._cache_size()
+    compiles = fn._cache_size()  # pyright: ignore[reportAttributeAccessIssue]
     print(
         f"one mixed batch: {len(rows)} rows on {len(names)} adapters (base included), "
         f"{seconds:.2f} s, compiled {compiles} time(s)"
@@ -321,7 +323,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m jaxlora.commands.demo_tasks [--retrain] [--cache-dir DIR]`."""
-    parser = argparse.ArgumentParser(prog="jaxlora demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="jaxlora demo", description=(__doc__ or "").split("\n")[0]
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -153,6 +153,7 @@ def _classifier(spec: str | None):
 def build_service(args: argparse.Namespace) -> Any:
     """The `OpenAIService` the arguments describe (adapters loaded, engine not started)."""
     import jaxlora
+    import jaxlora.models
     from jaxlora.engine import Engine, EngineConfig
     from jaxlora.errors import ConfigError, format_names
     from jaxlora.serve.hooks import RoutingHooks, parse_fallback, parse_split

@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -252,7 +253,7 @@ def _trainer(args: argparse.Namespace, model: Any, names: tuple[str, ...]) -> _T
     return _Trainer(lm, names, initial, step, evaluate, fresh)
 
 
-def _batch(examples: list[Example], rows: list[int | None], length: int, pad: int, slot: dict):
+def _batch(examples: list[Example], rows: Sequence[int | None], length: int, pad: int, slot: dict):
     """Rows `rows` (None: an ignored padding row) as a `Batch` with slot ids and row seeds."""
     from jaxlora import train
 
@@ -432,7 +433,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jaxlora.commands.train ...` (the same as `jaxlora train ...`)."""
-    parser = argparse.ArgumentParser(prog="jaxlora train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="jaxlora train", description=(__doc__ or "").strip())
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -223,8 +223,13 @@ def write_slot(stacked: StackedBank, slot: int, row: Mapping[str, LoraWeights]) 
     return StackedBank(weights, stacked.names)
 
 
-def empty_bank(model_shapes: Mapping[str, tuple[int, int]], slots: int, rank: int,
-               targets: Sequence[str], dtype: Any) -> StackedBank:  # fmt: skip
+def empty_bank(
+    model_shapes: Mapping[str, tuple[int, int]],
+    slots: int,
+    rank: int,
+    targets: Sequence[str],
+    dtype: Any,
+) -> StackedBank:
     """A `StackedBank` of `slots` all-zero slots named `slot0..`, rank `rank`, on `targets`."""
     import jax.numpy as jnp
 

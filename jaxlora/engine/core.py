@@ -86,6 +86,7 @@ class Engine:
         cfg = self.config
         shapes = model.lora_shapes()
         self._graphdef, self._state = nnx.split(model)
+        self.steps = steps.for_model(self._graphdef)
         self._fixed: Active | None = None
         self.store: AdapterStore | None = None
         if lora is not None and bank is not None:
@@ -161,8 +162,11 @@ class Engine:
         tokens = request.tokens
         if not tokens:
             raise ConfigError("the prompt is empty; every request needs at least one token.")
-        bad = [t for t in (*tokens, *request.stop_tokens) if not isinstance(t, int) or
-               not 0 <= t < vocab]  # fmt: skip
+        bad = [
+            t
+            for t in (*tokens, *request.stop_tokens)
+            if not isinstance(t, int) or not 0 <= t < vocab
+        ]
         if bad:
             raise ConfigError(f"token ids must be ints in [0, {vocab}); got {bad[:5]}.")
         n = request.max_new_tokens
@@ -236,17 +240,26 @@ class Engine:
         return self
 
     def stop(self) -> None:
-        """Stop the thread; requests not finished fail with `EngineStoppedError`."""
+        """Stop the thread; requests not finished fail with `EngineStoppedError`. The engine
+        (its cache, slots and store) stays usable: `start()` again or step it inline."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
         error = EngineStoppedError("the engine was stopped before the request ended.")
-        for handle in [*self._inbox, *self._waiting, *self.pool.handles()]:
+        with self._cond:
+            ended = [*self._inbox, *self._waiting]
+            self._inbox.clear()
+            self._waiting.clear()
+            self._thread, self._stopping = None, False
+        for i, row in self.pool.items():
+            if row.slot != NO_ADAPTER:
+                self.slots.unpin(row.slot)
+            self.pool.release(i)
+            ended.append(row.handle)
+        for handle in ended:
             handle._fail(error)
-        self._inbox.clear()
-        self._waiting.clear()
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -320,8 +333,9 @@ class Engine:
             if slot is None:  # every slot is pinned: wait, let the next requests pass
                 kept.append(h)
                 continue
-            self.pool.place(h, slot, self.config.chunk_plan(len(h.request.tokens)),
-                            next(self._order))  # fmt: skip
+            self.pool.place(
+                h, slot, self.config.chunk_plan(len(h.request.tokens)), next(self._order)
+            )
         kept.extend(self._waiting)
         self._waiting = kept
 
@@ -366,8 +380,9 @@ class Engine:
 
     def _run(self, fn, kind: str, *args):
         before = fn._cache_size()
-        out = fn(self._graphdef, self._state, self._cache, self._bank, self._fixed, *args,
-                 routing=self.config.routing)  # fmt: skip
+        out = fn(
+            self._state, self._cache, self._bank, self._fixed, *args, routing=self.config.routing
+        )
         self._compiles[kind] += fn._cache_size() - before
         *out, self._cache = out
         return [np.asarray(x) for x in out]
@@ -377,7 +392,7 @@ class Engine:
         if batch is None:
             return
         group, tokens, ints, floats = batch
-        first, logprobs = self._run(steps.prefill, "prefill", tokens, ints, floats)
+        first, logprobs = self._run(self.steps.prefill, "prefill", tokens, ints, floats)
         self._counts["prefill_calls"] += 1
         for j, i in enumerate(group):
             if self.pool.advance(i, int(ints[j, 2])):
@@ -388,7 +403,7 @@ class Engine:
         if not live:
             return
         ints, floats = self.pool.decode_arrays()
-        tokens, logprobs = self._run(steps.decode, "decode", ints, floats)
+        tokens, logprobs = self._run(self.steps.decode, "decode", ints, floats)
         self._counts["decode_steps"] += 1
         self._counts["live_row_steps"] += len(live)
         names = {self.pool.row(j).handle.request.adapter for j in live}
@@ -454,10 +469,14 @@ class Engine:
         }
 
     def warmup(self) -> None:
-        """Compile the decode step and every prefill chunk now (one base request per chunk)."""
+        """Compile the decode step, every prefill chunk and the slot write now (before
+        `start()`): one base request per chunk size, one on a stored adapter."""
         for c in self.config.chunks:
-            n = min(c, self.config.max_len - 1)
+            n = max(1, min(c, self.config.max_len - 2))
             self.generate([Request((0,) * n, max_new_tokens=2)])
+        names = self.store.names() if self.store is not None else []
+        if names:
+            self.generate([Request((0,), max_new_tokens=1, adapter=names[0])])
 
 
 def _ended(h: Handle, now: float) -> str | None:

@@ -13,7 +13,8 @@ float32 array (two small transfers per call):
 
 `lora` is built inside: `Routed(bank, slot ids)` when the engine has a bank, the caller's fixed
 selection (`generate(lora=select(...))`), or None. The functions are module-level, so engines
-with the same model and shapes share executables (`generate()` builds an engine per call).
+with the same model structure and shapes share executables (`generate()` builds an engine per
+call): `for_model(graphdef)` makes the pair once per model structure.
 
 Example:
     >>> sorted(compile_counts())
@@ -23,6 +24,8 @@ Example:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +34,7 @@ from flax import nnx
 from ..types import Routed
 from .sampling import SamplingRows, sample
 
-__all__ = ["compile_counts", "decode", "prefill"]
+__all__ = ["Steps", "compile_counts", "for_model"]
 
 
 def _lora(bank, fixed, ids):
@@ -45,9 +48,7 @@ def _rows(ints, floats, first: int) -> SamplingRows:
     return SamplingRows(floats[:, 0], ints[:, first], floats[:, 1], seed, ints[:, first + 2])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "routing"), donate_argnames=("cache",))
-def decode(graphdef, state, cache, bank, fixed, ints, floats, routing):
-    """One token for every row: `(tokens [R], logprobs [R], cache)`."""
+def _decode(graphdef, state, cache, bank, fixed, ints, floats, routing):
     model = nnx.merge(graphdef, state)
     positions = ints[:, 1:2]
     logits, cache = model.run(
@@ -57,12 +58,7 @@ def decode(graphdef, state, cache, bank, fixed, ints, floats, routing):
     return tokens, logprobs, cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "routing"), donate_argnames=("cache",))
-def prefill(graphdef, state, cache, bank, fixed, tokens, ints, floats, routing):
-    """One chunk for up to `P` rows: `(first tokens [P], logprobs [P], cache)`.
-
-    The token is meaningful only for rows whose prompt ends in this chunk.
-    """
+def _prefill(graphdef, state, cache, bank, fixed, tokens, ints, floats, routing):
     model = nnx.merge(graphdef, state)
     t = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
     start, n = ints[:, 1:2], ints[:, 2:3]
@@ -81,6 +77,39 @@ def prefill(graphdef, state, cache, bank, fixed, tokens, ints, floats, routing):
     return first, logprobs, cache
 
 
+class Steps(NamedTuple):
+    """The jitted `decode(state, cache, bank, fixed, ints, floats, *, routing)` and
+    `prefill(state, cache, bank, fixed, tokens, ints, floats, *, routing)` of one model
+    structure (`graphdef`), the cache donated.
+
+    - decode: one token for every row: `(tokens [R], logprobs [R], cache)`.
+    - prefill: one chunk for up to `P` rows: `(first tokens [P], logprobs [P], cache)`; the
+      token is meaningful only for rows whose prompt ends in this chunk.
+    """
+
+    decode: Callable
+    prefill: Callable
+
+
+@functools.cache
+def for_model(graphdef) -> Steps:
+    """The `Steps` of models with this graph definition (one pair per structure, shared by all
+    engines: the graph definition is hashed once per engine, not once per call)."""
+    jit = functools.partial(jax.jit, static_argnames=("routing",), donate_argnames=("cache",))
+    made = Steps(
+        jit(functools.partial(_decode, graphdef)), jit(functools.partial(_prefill, graphdef))
+    )
+    _MADE.append(made)
+    return made
+
+
+#: every `Steps` made so far, for `compile_counts` (grows with distinct model structures only)
+_MADE: list[Steps] = []
+
+
 def compile_counts() -> dict[str, int]:
     """Executables the decode step and the prefill hold (all engines in this process)."""
-    return {"decode": decode._cache_size(), "prefill": prefill._cache_size()}
+    return {
+        "decode": sum(m.decode._cache_size() for m in _MADE),
+        "prefill": sum(m.prefill._cache_size() for m in _MADE),
+    }

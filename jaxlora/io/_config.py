@@ -21,6 +21,8 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from ..errors import AdapterFormatError, ConfigError, UnsupportedFeatureError
 from ..weights import LoraConfig
 
@@ -136,6 +138,26 @@ def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
+def _alpha(scale: float, r: int) -> float:
+    """The shortest decimal `alpha` with `float32(alpha / r) == float32(scale)` (SW-IO-14).
+
+    Scales are stored in float32, so `scale * r` is rarely the alpha an adapter was made with
+    (`16 / 3` comes back as `16.000000476837158`); the shortest decimal that gives the same
+    stored scale is that alpha whenever the original had at most 8 significant digits.
+
+    Example:
+        >>> _alpha(float(np.float32(16 / 3)), 3)
+        16.0
+    """
+    exact = float(scale) * int(r)
+    target = np.float32(scale)
+    for digits in range(1, 18):
+        candidate = float(f"{exact:.{digits}g}")
+        if np.float32(candidate / int(r)) == target:
+            return candidate
+    return exact
+
+
 def _exact(path: str) -> str:
     """A pattern key matching exactly `path` under PEFT's `(.*\\.)?(key)$` rule: anchored with
     `^` so that it does not also match longer paths ending in `.path` (SW-IO-6)."""
@@ -164,7 +186,7 @@ def derive_config_dict(
     """
     if not layers:
         raise ConfigError("cannot save an adapter with no layers: it targets nothing.")
-    alphas = {path: float(s) * int(r) for path, (r, s) in layers.items()}
+    alphas = {path: _alpha(s, r) for path, (r, s) in layers.items()}
     r = Counter(int(r) for r, _ in layers.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     return {

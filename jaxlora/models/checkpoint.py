@@ -31,7 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from ..errors import CheckpointError, ConfigError, ShapeMismatchError, format_names
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    ShapeMismatchError,
+    UnsupportedFeatureError,
+    format_names,
+)
 from ..io import (
     MODEL_CONFIG_NAME,
     MODEL_INDEX_NAME,
@@ -41,7 +47,7 @@ from ..io import (
 )
 from . import tp
 from .config import LlamaConfig
-from .llama import PROJECTIONS, Llama, expected_tensor_shapes
+from .llama import Llama, expected_tensor_shapes
 
 __all__ = ["hf_config_dict", "load_llama", "read_config", "save_llama"]
 
@@ -193,26 +199,6 @@ def _hf_name(internal: str) -> tuple[str, bool]:
     return internal, False
 
 
-def _internal_tensors(model: Llama) -> dict[str, Any]:
-    """`internal name -> array` of every tensor of `model` (what `Llama(config, tensors)` takes)."""
-    tensors: dict[str, Any] = {
-        "model.embed_tokens.weight": model.embed[...],
-        "model.norm.weight": model.norm.weight[...],
-    }
-    if model.lm_head is not None:
-        tensors["lm_head.kernel"] = model.lm_head[...]
-    for i, layer in enumerate(model.layers):
-        prefix = f"model.layers.{i}."
-        for name in PROJECTIONS:
-            linear = getattr(layer, name.rsplit(".", 1)[1])
-            tensors[f"{prefix}{name}.kernel"] = linear.kernel[...]
-            if linear.bias is not None:
-                tensors[f"{prefix}{name}.bias"] = linear.bias[...]
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"{prefix}{norm}.weight"] = getattr(layer, norm).weight[...]
-    return tensors
-
-
 #: RoPE parameters transformers expects as ints (the others are floats).
 _INT_ROPE_FIELDS = frozenset({"original_max_position_embeddings"})
 
@@ -228,6 +214,11 @@ def hf_config_dict(config: LlamaConfig, dtype: Any = jnp.float32) -> dict[str, A
         >>> d["model_type"], d["num_key_value_heads"], d["rope_theta"], d["rope_scaling"]
         ('llama', 2, 500.0, None)
     """
+    if config.model_type != "llama":
+        raise UnsupportedFeatureError(
+            f"writing a {config.model_type!r} checkpoint is not supported: save_llama writes "
+            "model_type 'llama' only (the loader reads every family in SW-FAM-1)."
+        )
     scaling = None
     if config.rope_type != "default":
         scaling = {"rope_type": config.rope_type} | {
@@ -277,7 +268,7 @@ def save_llama(
     """
     fields = dict(config_fields or {})
     tensors = {}
-    for internal, value in _internal_tensors(model).items():
+    for internal, value in model.tensors().items():
         name, transpose = _hf_name(internal)
         array = np.asarray(value if dtype is None else jnp.asarray(value, dtype))
         tensors[name] = array.T if transpose else array

@@ -194,8 +194,15 @@ class Engine:
     def request(self, row: Row, timeout_s: float | None = None) -> Request:
         """The engine `Request` of `row`."""
         sampling = SamplingParams(row.temperature, row.top_k, row.top_p, row.seed)
-        return Request(row.tokens, row.max_new_tokens, row.adapter, sampling, row.stop,
-                       row.stop_strings, timeout_s)  # fmt: skip
+        return Request(
+            row.tokens,
+            row.max_new_tokens,
+            row.adapter,
+            sampling,
+            row.stop,
+            row.stop_strings,
+            timeout_s,
+        )
 
     def check(self, row: Row) -> None:
         """Raise `RequestTooLargeError` (413) / `ConfigError` (400) for a row the server

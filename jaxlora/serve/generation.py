@@ -102,11 +102,10 @@ class Attempt:
         request = Request(
             c.tokens,
             c.max_tokens,
-            None if self.info is None else self.info.key,
-            c.sampling,
-            c.stop_ids,
-            (),
-            c.timeout_s,
+            adapter=None if self.info is None else self.info.key,
+            sampling=c.sampling,
+            stop_tokens=c.stop_ids,
+            timeout_s=c.timeout_s,
         )
         self.handle = self.engine.submit(request)
 

@@ -24,7 +24,7 @@ import dataclasses
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from ..errors import ConfigError
 from .registry import BASE
@@ -153,8 +153,16 @@ class RoutingHooks:
 
     def names(self) -> set[str]:
         """Every adapter name the splits and chains refer to."""
-        arms = {a for s in self.splits.values() for a, _ in s.arms}
-        return (arms | {a for c in self.fallbacks.values() for a in c}) - {BASE}
+        arms = {a for s in self.split_map().values() for a, _ in s.arms}
+        return (arms | {a for c in self.fallback_map().values() for a in c}) - {BASE}
+
+    def split_map(self) -> Mapping[str, Split]:
+        """The splits by task (`splits` after construction)."""
+        return cast(Mapping[str, Split], self.splits)
+
+    def fallback_map(self) -> Mapping[str, tuple[str, ...]]:
+        """The fallback chains by task (`fallbacks` after construction)."""
+        return cast(Mapping[str, tuple[str, ...]], self.fallbacks)
 
     def plan(self, body: Mapping[str, Any], header: str | None, request_id: str) -> Plan:
         """The chain of adapters for one request (names are checked by the caller)."""
@@ -177,12 +185,11 @@ class RoutingHooks:
             if not all(isinstance(n, str | type(None)) for n in explicit):
                 raise ConfigError("`fallback` must be a list of adapter names (or null).")
             return Plan(tuple(_adapter(n) for n in explicit), route | {"fallback": True})
-        if name in self.splits:
-            arm, point = self.splits[name].choose(request_id)
+        splits, fallbacks = self.split_map(), self.fallback_map()
+        if name is not None and name in splits:
+            arm, point = splits[name].choose(request_id)
             route["split"] = {"task": name, "adapter": arm, "point": point}
             return Plan((_adapter(arm),), route)
-        if name in self.fallbacks:
-            return Plan(
-                tuple(_adapter(n) for n in self.fallbacks[name]), route | {"fallback": True}
-            )
+        if name is not None and name in fallbacks:
+            return Plan(tuple(_adapter(n) for n in fallbacks[name]), route | {"fallback": True})
         return Plan((_adapter(name),), route)

@@ -189,7 +189,7 @@ class Prometheus:
             registry=r,
         )
         if engine_metrics is not None:
-            r.register(_EngineCollector(engine_metrics))  # type: ignore[arg-type]
+            r.register(_EngineCollector(engine_metrics))
 
     def request(self, adapter: str, endpoint: str) -> None:
         self.requests.labels(adapter, endpoint).inc()

@@ -97,12 +97,12 @@ class OpenAIService:
 
     def __post_init__(self) -> None:
         engine: Any = self.engine
-        model = getattr(engine, "model", None)
+        model = engine.model
         self.registry = Registry(
             engine,
             root=self.adapter_root,
             max_delta=self.max_adapter_delta,
-            layer_shapes=None if model is None else model.lora_shapes(),
+            layer_shapes=model.lora_shapes(),
         )
         self.metrics = Prometheus(engine.metrics)
         config = engine.config
@@ -228,7 +228,7 @@ class _Run:
     def __init__(self, service: OpenAIService, job: Job, endpoint: str):
         self.service, self.job, self.endpoint = service, job, endpoint
         self.id = ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex
-        self.chain = service.chain(job.model, self.id)
+        self.chain: tuple[str | None, ...] = service.chain(job.model, self.id)
         name = self.chain[0] if len(self.chain) == 1 else None
         if name is not None and service.registry.get(name) is None:
             raise AdapterNotFoundError(f"the model `{job.model}` does not exist.")
@@ -259,9 +259,9 @@ class _Run:
         """Submit a streamed request without a fallback chain now, so that its errors are
         answered with their status before any byte of the stream is sent."""
         self.live: list[Attempt] = []
+        s, name = self.service, self.chain[0]
         if len(self.chain) > 1:
             return
-        s, name = self.service, self.chain[0]
         try:
             for choice in (c for row in self.job.choices for c in row):
                 s.metrics.request(name or BASE, self.endpoint)

@@ -157,10 +157,14 @@ class Scheduler:
         if result.finish_reason in ("cancelled", "timeout"):
             self.metrics.count("cancelled" if result.finish_reason == "cancelled" else "timed_out")
             words = "was cancelled" if result.finish_reason == "cancelled" else "timed out"
-            _settle(pending.future, error=RequestTimeoutError(
-                f"the request {words} after {result.total_s:.3f} s ({len(result.tokens)} tokens "
-                "generated); retry with a larger `timeout` or when the server is less busy."
-            ))  # fmt: skip
+            _settle(
+                pending.future,
+                error=RequestTimeoutError(
+                    f"the request {words} after {result.total_s:.3f} s "
+                    f"({len(result.tokens)} tokens generated); retry with a larger `timeout` "
+                    "or when the server is less busy."
+                ),
+            )
             return
         adapters = result.adapters or (pending.row.adapter,)
         info = BatchInfo(

@@ -73,11 +73,12 @@ def _chat_template(directory: Path, config: Mapping[str, Any]) -> str | None:
 def _environment():
     """A sandboxed jinja2 environment with the helpers `transformers` gives chat templates."""
     import jinja2
+    import jinja2.nodes
     from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class Generation(Extension):  # `{% generation %}...{% endgeneration %}`: render the body
-        tags = frozenset({"generation"})
+        tags = {"generation"}  # noqa: RUF012 (jinja2's declared type)
 
         def parse(self, parser):
             lineno = next(parser.stream).lineno

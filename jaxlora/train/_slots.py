@@ -75,8 +75,8 @@ class SlotsState(NamedTuple):
         steps: `[S]` int32, the updates each slot has taken.
     """
 
-    trainable: dict[str, LoraWeights]
-    frozen: dict[str, LoraWeights]
+    trainable: Any
+    frozen: Any
     opt_state: Any
     training: Array
     lr_scale: Array
@@ -189,6 +189,7 @@ def make_slots_step(
         names = _placeholder_names(slots)  # static: depends on the slot count only
 
         def routed(weights: dict[str, LoraWeights], b: Batch) -> Routed:
+            assert b.ids is not None  # check_batch(need_ids=True)
             return Routed(StackedBank(weights, names), b.ids)
 
         objective = lm_objective(logits_fn, routed, dropout, slots)

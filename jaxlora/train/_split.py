@@ -36,6 +36,9 @@ __all__ = ["dropout", "join", "split"]
 
 T = TypeVar("T")
 
+#: The empty part of a split `LoraWeights` (`None`: a pytree node without leaves).
+_EMPTY: Any = None
+
 
 def _is_weights(x: Any) -> bool:
     return isinstance(x, LoraWeights)
@@ -66,10 +69,10 @@ def split(tree: T) -> tuple[T, T]:
             f"{type(tree).__name__} without any LoraWeights."
         )
     trainable = jax.tree.map(
-        lambda w: LoraWeights(w.a, w.b, None) if _is_weights(w) else w, tree, is_leaf=_is_weights
+        lambda w: LoraWeights(w.a, w.b, _EMPTY) if _is_weights(w) else w, tree, is_leaf=_is_weights
     )
     frozen = jax.tree.map(
-        lambda w: LoraWeights(None, None, w.scale) if _is_weights(w) else w,
+        lambda w: LoraWeights(_EMPTY, _EMPTY, w.scale) if _is_weights(w) else w,
         tree,
         is_leaf=_is_weights,
     )
