@@ -62,7 +62,7 @@ def world(tmp_path_factory):
     late = _adapter(9, shapes, 4)
     jaxlora.io.save_peft(root / "late", late)
     jaxlora.io.save_peft(root / "wide", _adapter(10, shapes, 8))  # rank above the bank's
-    engine = Engine(model, capacity=10, rank=4, buckets=BUCKETS)
+    engine = Engine(model, capacity=10, rank=4, buckets=BUCKETS, max_adapters=10)
     for name in NAMES:
         engine.load(name, bank[name])
     engine.warmup()
@@ -191,11 +191,16 @@ def test_bad_requests_are_refused_without_disturbing_good_ones(world, server):
 
 @pytest.mark.clause("SW-SERVE-5", "SW-SERVE-11")
 def test_full_queue_answers_503_and_admitted_requests_are_correct(world):
-    """SW-SERVE-5, SW-SERVE-11: with max_pending=3 and a long window, the surplus gets 503."""
-    srv, _ = _serve(world, window_s=1.5, max_pending=3)
+    """SW-SERVE-5, SW-SERVE-11: with max_pending=3 and the engine held, the surplus gets 503."""
+    srv, service = _serve(world, window_s=1.5, max_pending=3)
     try:
         bodies = [{"tokens": list(PROMPTS[i % 3]), "adapter": NAMES[i]} for i in range(7)]
-        replies = _many(srv.url, [b | {"max_new_tokens": NEW} for b in bodies], workers=7)
+        with concurrent.futures.ThreadPoolExecutor(7) as pool:
+            with service.engine.core.paused():  # nothing is admitted: 3 wait, 4 are refused
+                futures = [pool.submit(_gen, srv.url, b | {"max_new_tokens": NEW}) for b in bodies]
+                while _metrics(srv.url)["requests"].get("rejected_queue_full", 0) < 4:
+                    time.sleep(0.01)
+            replies = [f.result() for f in futures]
         statuses = [s for s, _ in replies]
         assert statuses.count(200) == 3 and statuses.count(503) == 4, statuses
         for body, (status, reply) in zip(bodies, replies, strict=True):
@@ -228,14 +233,14 @@ def test_load_while_in_flight_neither_retraces_nor_changes_results(world, server
             _call, srv.url + "/adapters/late", "POST", {"path": str(world["root"] / "late")}
         )
         replies = [f.result() for f in futures]
-    assert loaded.result() == (201, {"name": "late", "slot": 8})
+    assert loaded.result() == (201, {"name": "late", "version": 9})
     for body, (status, reply) in zip(bodies, replies, strict=True):
         assert status == 200 and reply["tokens"] == _reference(
             world, body["tokens"], body["adapter"]
         )
     listing = _call(srv.url + "/adapters")[1]
     assert {a["name"] for a in listing["adapters"]} == {*NAMES, "late"}
-    assert listing["free_slots"] == 1
+    assert listing["free_slots"] == 2  # 10 device slots, the 8 adapters used so far resident
     status, reply = _gen(
         srv.url, {"tokens": list(PROMPTS[1]), "adapter": "late", "max_new_tokens": NEW}
     )
@@ -254,14 +259,14 @@ def test_load_while_in_flight_neither_retraces_nor_changes_results(world, server
     for method, path, body, status, needle in errors:
         got, reply = _call(srv.url + path, method, body)
         assert (got, needle in reply["error"]) == (status, True), (path, reply)
-    assert _call(srv.url + "/adapters/late", "DELETE") == (200, {"name": "late", "slot": 8})
+    assert _call(srv.url + "/adapters/late", "DELETE") == (200, {"name": "late", "version": 9})
     status, reply = _gen(srv.url, {"tokens": [1], "adapter": "late"})
     assert status == 404 and "late" not in reply["adapters"]
     late_dir = {"path": str(world["root"] / "late")}
     assert _call(srv.url + "/adapters/a", "POST", late_dir)[0] == 201
     assert _call(srv.url + "/adapters/b", "POST", late_dir)[0] == 201
     got, reply = _call(srv.url + "/adapters/c", "POST", late_dir)
-    assert got == 409 and "all 10 slots" in reply["error"]
+    assert got == 409 and "limit of 10 adapters" in reply["error"]
     assert _call(srv.url + "/adapters/a", "DELETE")[0] == 200
     assert _call(srv.url + "/adapters/b", "DELETE")[0] == 200
     assert service.engine.compile_count() == count
@@ -271,19 +276,20 @@ def test_load_while_in_flight_neither_retraces_nor_changes_results(world, server
 def test_timeout_and_client_disconnect_drop_the_request(world):
     """SW-SERVE-6, SW-SERVE-11:
     504 past the timeout; a closed connection is dropped before it runs."""
-    srv, _ = _serve(world, window_s=0.6)
+    srv, service = _serve(world, window_s=0.6)
     try:
-        status, reply = _gen(srv.url, {"tokens": [1, 2], "timeout": 0.05})
-        assert status == 504 and "timeout" in reply["error"]
-        body = json.dumps({"tokens": [1, 2, 3], "adapter": NAMES[1]}).encode()
-        with socket.create_connection((srv.host, srv.port)) as sock:
-            sock.sendall(
-                b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
-            time.sleep(0.1)
-        time.sleep(1.0)
+        with service.engine.core.paused():  # both wait for a row: one times out, one leaves
+            status, reply = _gen(srv.url, {"tokens": [1, 2], "timeout": 0.05})
+            assert status == 504 and "timeout" in reply["error"]
+            body = json.dumps({"tokens": [1, 2, 3], "adapter": NAMES[1]}).encode()
+            with socket.create_connection((srv.host, srv.port)) as sock:
+                sock.sendall(
+                    b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                time.sleep(0.1)
+            time.sleep(1.0)
         status, reply = _gen(srv.url, {"tokens": [4, 5], "adapter": NAMES[2], "max_new_tokens": 3})
         assert status == 200 and reply["tokens"] == _reference(world, [4, 5], NAMES[2], new=3)
         requests = _metrics(srv.url)["requests"]

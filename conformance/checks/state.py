@@ -173,33 +173,36 @@ def _name_examples(driver) -> list:
     return [(sc, ("my.adapter", "a b", "0")), (sc, ("default", "__base__", "pop"))]
 
 
-@clause("SW-BANK-1", owns="names", cases=lambda d: _named_cases(d), examples=_name_examples)
+@clause("SW-BANK-4", owns="names", cases=lambda d: _named_cases(d), examples=_name_examples)
 def check_adapter_names(driver, case) -> None:
-    """SW-BANK-1: any new name makes the adapter available, not only identifiers: names with
-    dots, spaces, digits first, non-ASCII letters, or words a library might reserve (`default`,
-    `__base__`, `pop`) work in add, activate, mixed rows, duplicate refusal and delete."""
+    """SW-BANK-4: any non-empty name makes the adapter available, not only identifiers: names
+    with dots, spaces, digits first, non-ASCII letters, or words a library might reserve
+    (`default`, `__base__`, `pop`) work in add, activate, mixed rows, duplicate refusal and
+    delete; the empty name is refused and changes nothing."""
     sc, names = case
     layers, x = sc.layers(), sc.x()
     build(driver, sc, layers)
     adapters = dict(zip(names, sc.adapters_by_name().values(), strict=True))
+    call = lambda: driver.add_adapter("", adapters[names[0]])  # noqa: E731
+    expect_error("SW-BANK-4", driver, call, "adding an adapter under the empty name", [])
     for name, adapter in adapters.items():
         driver.add_adapter(name, adapter)
-    expect_close("SW-BANK-1", driver.forward(x), oracle(layers, x, []), sc.dtype, "none active")
+    expect_close("SW-BANK-4", driver.forward(x), oracle(layers, x, []), sc.dtype, "none active")
     for name in names:
         driver.set_active(name)
         want = oracle(layers, x, [adapters[name]])
-        expect_close("SW-BANK-1", driver.forward(x), want, sc.dtype, f"adapter {name!r} active")
+        expect_close("SW-BANK-4", driver.forward(x), want, sc.dtype, f"adapter {name!r} active")
     if "multi_active" in driver.capabilities:
         driver.set_active(list(names))
         want = oracle(layers, x, list(adapters.values()))
-        expect_close("SW-BANK-1", driver.forward(x), want, sc.dtype, f"{list(names)} active")
+        expect_close("SW-BANK-4", driver.forward(x), want, sc.dtype, f"{list(names)} active")
     if "mixed" in driver.capabilities:
         rows = [names[i % len(names)] if i % 3 != 2 else None for i in range(len(x))]
         want = reference.mixed_forward(
             layers, x, [None if r is None else adapters[r] for r in rows], np.float64
         )
         got = driver.forward_mixed(x, rows)
-        expect_close("SW-BANK-1", got, want, sc.dtype, f"mixed rows {rows}")
+        expect_close("SW-BANK-4", got, want, sc.dtype, f"mixed rows {rows}")
     call = lambda: driver.add_adapter(names[0], adapters[names[1]])  # noqa: E731
     expect_error("SW-BANK-1", driver, call, f"adding {names[0]!r} twice", [names[0]])
     call = lambda: driver.set_active(_MISSING)  # noqa: E731
@@ -209,7 +212,7 @@ def check_adapter_names(driver, case) -> None:
     expect_error("SW-BANK-2", driver, call, f"activating the deleted {names[0]!r}", [names[0]])
     driver.set_active(names[1])
     want = oracle(layers, x, [adapters[names[1]]])
-    expect_close("SW-BANK-1", driver.forward(x), want, sc.dtype, f"{names[1]!r} after a delete")
+    expect_close("SW-BANK-4", driver.forward(x), want, sc.dtype, f"{names[1]!r} after a delete")
 
 
 @clause("SW-BANK-2", cases=lambda d: scenarios(d, n_adapters=(2, 3)))

@@ -126,6 +126,8 @@ class ReferenceDriver:
         self._active = ()
 
     def add_adapter(self, name: str, adapter: RefAdapter) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"adapter names must be non-empty strings (SW-BANK-4), got {name!r}.")
         if name in self._adapters:
             raise AdapterExistsError(
                 f"an adapter named {name!r} already exists. Existing adapters: "

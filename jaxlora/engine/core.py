@@ -27,11 +27,12 @@ Example:
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -123,6 +124,7 @@ class Engine:
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._paused = 0
         self._counts = collections.Counter()
         self._compiles = {"decode": 0, "prefill": 0}
         for name, adapter in (adapters or {}).items():
@@ -267,10 +269,23 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """While held, the engine's thread runs no iteration (submissions wait, timeouts keep
+        counting); e.g. to drain, or to fill the queue deterministically in a test."""
+        with self._cond:
+            self._paused += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._paused -= 1
+                self._cond.notify_all()
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self.busy():
+                while not self._stopping and (self._paused or not self.busy()):
                     self._cond.wait()
                 if self._stopping:
                     return

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -143,6 +144,22 @@ class Engine:
         self.core = CoreEngine(model, config, max_adapters=max_adapters, detokenize=detokenize)
         self.model = model
         self._sources: dict[str, str | None] = {}
+        self._users = 0  # schedulers (servers) running on this engine
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Run the engine's thread (shared: several servers may run on one engine)."""
+        with self._lock:
+            self._users += 1
+            if self._users == 1:
+                self.core.start()
+
+    def stop(self) -> None:
+        """Stop the engine's thread when the last server using it stops."""
+        with self._lock:
+            self._users = max(self._users - 1, 0)
+            if self._users == 0:
+                self.core.stop()
 
     @property
     def capacity(self) -> int:

@@ -99,6 +99,7 @@ class Scheduler:
     ):
         self.engine, self.max_pending = engine, int(max_pending)
         self.metrics = metrics or Metrics()
+        self._started = False
         self._batches: dict[int, None] = {}  # recent first-token iterations (insertion order)
         self._lock = threading.Lock()
 
@@ -110,11 +111,17 @@ class Scheduler:
         self.stop()
 
     def start(self) -> None:
-        self.engine.core.start()
+        """Start serving (the engine's thread runs while any scheduler on it runs)."""
+        if not self._started:
+            self._started = True
+            self.engine.start()
 
     def stop(self) -> None:
-        """Stop the engine thread; unfinished requests fail with `EngineStoppedError` (503)."""
-        self.engine.core.stop()
+        """Stop serving; when no other scheduler runs on the engine, its thread stops and
+        unfinished requests fail with `EngineStoppedError` (503)."""
+        if self._started:
+            self._started = False
+            self.engine.stop()
 
     def pending(self) -> int:
         """Requests submitted and not yet in a row."""
