@@ -63,8 +63,8 @@ def compare(model, bank, a: str | None, b: str | None, requests, batch_size: int
             max_new_tokens=max(r["max_new_tokens"] for r in chunk),
         ).rows()
         width = max(map(len, prompts))
-        tokens = np.array([[0] * (width - len(p)) + list(p) for p in prompts], np.int32)
-        mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], bool)
+        tokens = jnp.asarray([[0] * (width - len(p)) + list(p) for p in prompts], jnp.int32)
+        mask = jnp.asarray([[0] * (width - len(p)) + [1] * len(p) for p in prompts], bool)
         logits = forward(
             model,
             tokens,
