@@ -25,7 +25,7 @@ import functools
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeGuard
+from typing import Any, Literal, TypeAlias, TypeGuard
 
 import jax.numpy as jnp
 from jax.core import Tracer
@@ -38,7 +38,9 @@ from .types import Active, Adapter, LoraWeights, Routed, StackedBank
 
 __all__ = ["COMBINE_METHODS", "combine", "merge", "unmerge"]
 
-COMBINE_METHODS = ("cat", "linear", "svd")
+#: How `combine` builds the new adapter (see its docstring).
+CombineMethod: TypeAlias = Literal["cat", "linear", "svd"]
+COMBINE_METHODS: tuple[CombineMethod, ...] = ("cat", "linear", "svd")
 
 #: What `merge` / `unmerge` take as adapters.
 Adapters = Adapter | Sequence[Adapter] | Mapping[str, Adapter] | Active
@@ -259,7 +261,7 @@ def combine(
     bank: AdapterBank,
     names: Sequence[str],
     weights: Sequence[float],
-    method: str = "cat",
+    method: CombineMethod = "cat",
     *,
     svd_rank: int | None = None,
 ) -> dict[str, LoraWeights]:

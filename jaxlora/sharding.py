@@ -50,6 +50,9 @@ from .errors import ConfigError, ShapeMismatchError
 from .lora import as_selection
 from .types import Active, LoraSelection, LoraWeights, Routed, StackedBank
 
+#: How a stacked bank is placed: on every device, or split over the slot axis.
+BankMode: TypeAlias = Literal["replicated", "slot"]
+
 __all__ = [
     "LoraSpecs",
     "Split",
@@ -257,7 +260,7 @@ def adapter_sharding(
 def bank_sharding(
     stacked: StackedBank,
     mesh: Mesh,
-    mode: str = "replicated",
+    mode: BankMode = "replicated",
     *,
     axis: str = SLOT,
     splits: Mapping[str, Split | None] | None = None,
@@ -296,7 +299,7 @@ def bank_sharding(
 def shard_bank(
     stacked: StackedBank,
     mesh: Mesh,
-    mode: str = "replicated",
+    mode: BankMode = "replicated",
     *,
     axis: str = SLOT,
     splits: Mapping[str, Split | None] | None = None,
@@ -313,7 +316,7 @@ def shard_selection(
     mesh: Mesh,
     splits: Mapping[str, Split | None] | None = None,
     *,
-    mode: str = "replicated",
+    mode: BankMode = "replicated",
     data_axis: str = DATA,
     slot_axis: str = SLOT,
     model_axis: str = MODEL,

@@ -76,7 +76,7 @@ def test_xfails_and_skips_files(tmp_path, capsys):
         "# known deviations\nSW-ACTIVE-3\n\ncheck_default_scale  # passes\nSW-NOPE-9\n"
     )
     skips = tmp_path / "skips.txt"
-    skips.write_text("check_unknown_name\n")
+    skips.write_text("OperationSequences\n")
     out_file = tmp_path / "r.json"
     driver = f"{BROKEN}:UnknownIsBaseDriver"
     args = ["--driver", driver, "--clauses", "SW-ACTIVE-3,SW-SCALE-1", "--json", str(out_file)]
@@ -84,8 +84,8 @@ def test_xfails_and_skips_files(tmp_path, capsys):
     assert code == 0, out.out
     data = json.loads(out_file.read_text())
     checks = {c["name"]: c["status"] for c in data["checks"]}
-    assert checks["check_unknown_name"] == "skipped"
-    assert checks["OperationSequences"] == "xfail"
+    assert checks["OperationSequences"] == "skipped"
+    assert checks["check_unknown_name"] == "xfail"
     assert checks["check_default_scale"] == "xpass"
     assert data["clauses"]["SW-ACTIVE-3"]["status"] == "xfail"
     assert data["unmatched"] == {"skips": [], "xfails": ["SW-NOPE-9"]}

@@ -28,7 +28,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-from collections.abc import Hashable, Mapping, Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -39,9 +40,9 @@ from ..numerics import check_finite
 from ..slots import slot_weights
 from ..types import Adapter, LoraWeights, StackedBank
 
-__all__ = ["AdapterStore", "SlotCache", "SlotStats", "empty_bank", "write_slot"]
+__all__ = ["AdapterStore", "SlotCache", "SlotStats", "empty_bank", "swap_in", "write_slot"]
 
-Key = Hashable
+Key = Any  # hashable: `(name, version)` in the engine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +222,23 @@ def write_slot(stacked: StackedBank, slot: int, row: Mapping[str, LoraWeights]) 
 
     weights = _write_donated(stacked.weights, np.int32(slot), dict(row))
     return StackedBank(weights, stacked.names)
+
+
+def swap_in(
+    slots: SlotCache, store: AdapterStore, bank: StackedBank, key: tuple[str, int], slot: int
+) -> StackedBank:
+    """Write the stored adapter `key = (name, version)` into `slot` of `bank` (consumed) and
+    record it in `slots`, timing it; raises `AdapterNotFoundError` if that version is gone."""
+    entry = store.get(key[0])
+    if entry is None or entry[0] != key[1]:
+        raise AdapterNotFoundError(f"adapter {key[0]!r} was unloaded before the request ran.")
+    start = time.perf_counter()
+    bank = write_slot(bank, slot, entry[1])
+    jax.block_until_ready(bank.weights)
+    slots.install(key, slot)
+    slots.stats.swap_ins += 1
+    slots.stats.swap_in_seconds += time.perf_counter() - start
+    return bank
 
 
 def empty_bank(

@@ -35,7 +35,6 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -45,11 +44,11 @@ from ..lora import check_selection
 from ..models.llama import Llama, init_cache
 from ..types import NO_ADAPTER, Active, Adapter, LoraSelection, Routed, StackedBank
 from . import steps
-from .adapters import AdapterStore, SlotCache, empty_bank, write_slot
+from .adapters import AdapterStore, SlotCache, empty_bank, swap_in
 from .config import EngineConfig
-from .errors import EngineStoppedError, QueueFullError, RequestTooLargeError
+from .errors import EngineStoppedError, QueueFullError
 from .pool import Pool
-from .request import Handle, Request, Result
+from .request import Handle, Request, Result, check_request
 
 __all__ = ["Engine"]
 
@@ -102,7 +101,10 @@ class Engine:
             self._fixed, self._bank, slots = sel, None, SlotCache(0)
         elif bank is not None:
             ids = jnp.zeros((1,), jnp.int32)
-            self._bank = check_selection(Routed(bank, ids), shapes, batch=1).stacked
+            check_selection(
+                Routed(bank, ids), shapes, batch=1
+            )  # raises for a bank that does not fit
+            self._bank = bank
             slots = SlotCache(len(bank.names), fixed=[(n, 0) for n in bank.names])
         elif cfg.slots == 0:  # the base model only
             self._bank, slots = None, SlotCache(0)
@@ -157,36 +159,23 @@ class Engine:
             return self.store.names()
         return [] if self._bank is None else list(self._bank.names)
 
+    def _knows(self, name: str) -> bool:
+        if self.store is not None:
+            return name in self.store
+        return self._bank is not None and name in self._bank.names
+
     # -- requests ---------------------------------------------------------------------------
     def check(self, request: Request) -> None:
         """Raise the error `submit` would raise for `request` (nothing is queued)."""
-        cfg, vocab = self.config, self.model.config.vocab_size
-        tokens = request.tokens
-        if not tokens:
-            raise ConfigError("the prompt is empty; every request needs at least one token.")
-        bad = [
-            t
-            for t in (*tokens, *request.stop_tokens)
-            if not isinstance(t, int) or not 0 <= t < vocab
-        ]
-        if bad:
-            raise ConfigError(f"token ids must be ints in [0, {vocab}); got {bad[:5]}.")
-        n = request.max_new_tokens
-        if not isinstance(n, int) or n < 1:
-            raise ConfigError(f"max_new_tokens must be a positive int, got {n!r}.")
-        if len(tokens) + n > cfg.max_len:
-            raise RequestTooLargeError(
-                f"the prompt ({len(tokens)} tokens) plus max_new_tokens ({n}) is "
-                f"{len(tokens) + n}, above this engine's limit of {cfg.max_len} (max_len)."
-            )
-        if len(request.stop_tokens) > cfg.stop_width:
-            raise RequestTooLargeError(
-                f"at most {cfg.stop_width} stop tokens, got {len(request.stop_tokens)}."
-            )
-        if request.stop_strings and self._detokenize is None:
-            raise ConfigError("stop strings need an engine with a `detokenize` function.")
-        request.sampling.check(vocab)
-        if request.adapter is not None and request.adapter not in self.adapter_names():
+        cfg = self.config
+        check_request(
+            request,
+            self.model.config.vocab_size,
+            cfg.max_len,
+            cfg.stop_width,
+            detokenize=self._detokenize is not None,
+        )
+        if request.adapter is not None and not self._knows(request.adapter):
             raise AdapterNotFoundError(
                 f"no adapter named {request.adapter!r} is loaded. Loaded: "
                 f"{format_names(self.adapter_names())} (None: the base model)."
@@ -383,15 +372,8 @@ class Engine:
         return slot
 
     def _swap_in(self, key: tuple[str, int], slot: int) -> None:
-        entry = self.store.get(key[0]) if self.store is not None else None
-        if entry is None or entry[0] != key[1]:
-            raise AdapterNotFoundError(f"adapter {key[0]!r} was unloaded before the request ran.")
-        start = time.perf_counter()
-        self._bank = write_slot(self._bank, slot, entry[1])
-        jax.block_until_ready(self._bank.weights)
-        self.slots.install(key, slot)
-        self.slots.stats.swap_ins += 1
-        self.slots.stats.swap_in_seconds += time.perf_counter() - start
+        assert self._bank is not None and self.store is not None
+        self._bank = swap_in(self.slots, self.store, self._bank, key, slot)
 
     def _run(self, fn, kind: str, *args):
         before = fn._cache_size()

@@ -23,9 +23,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from ..errors import ConfigError
+from .errors import RequestTooLargeError
 from .sampling import SamplingParams
 
-__all__ = ["FINISH_REASONS", "Handle", "Request", "Result", "Token"]
+__all__ = ["FINISH_REASONS", "Handle", "Request", "Result", "Token", "check_request"]
 
 #: Why a request ended: a stop token or string, its length limit, `Engine.cancel`, its timeout.
 FINISH_REASONS = ("stop", "length", "cancelled", "timeout")
@@ -102,6 +104,39 @@ class Result:
     batch: int = 0
 
 
+def check_request(
+    request: Request, vocab: int, max_len: int, stop_width: int, *, detokenize: bool
+) -> None:
+    """Raise, naming the limit, for a request no engine of these sizes can serve (SW-ENGINE-5).
+
+    Example:
+        >>> check_request(Request((1, 2), 3), 64, 8, 4, detokenize=False)
+    """
+    tokens = request.tokens
+    if not tokens:
+        raise ConfigError("the prompt is empty; every request needs at least one token.")
+    bad = [
+        t for t in (*tokens, *request.stop_tokens) if not isinstance(t, int) or not 0 <= t < vocab
+    ]
+    if bad:
+        raise ConfigError(f"token ids must be ints in [0, {vocab}); got {bad[:5]}.")
+    n = request.max_new_tokens
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"max_new_tokens must be a positive int, got {n!r}.")
+    if len(tokens) + n > max_len:
+        raise RequestTooLargeError(
+            f"the prompt ({len(tokens)} tokens) plus max_new_tokens ({n}) is "
+            f"{len(tokens) + n}, above this engine's limit of {max_len} (max_len)."
+        )
+    if len(request.stop_tokens) > stop_width:
+        raise RequestTooLargeError(
+            f"at most {stop_width} stop tokens, got {len(request.stop_tokens)}."
+        )
+    if request.stop_strings and not detokenize:
+        raise ConfigError("stop strings need an engine with a `detokenize` function.")
+    request.sampling.check(vocab)
+
+
 class Handle:
     """The caller's side of a submitted request (see the module docstring)."""
 
@@ -151,7 +186,11 @@ class Handle:
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Token | None] = asyncio.Queue()
-        self.add_listener(lambda token: loop.call_soon_threadsafe(queue.put_nowait, token))
+
+        def deliver(token: Token | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, token)
+
+        self.add_listener(deliver)
         while (token := await queue.get()) is not None:
             yield token
         self.future.result()  # re-raise a failure

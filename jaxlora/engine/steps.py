@@ -24,8 +24,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,8 +86,8 @@ class Steps(NamedTuple):
       token is meaningful only for rows whose prompt ends in this chunk.
     """
 
-    decode: Callable
-    prefill: Callable
+    decode: Any  # jitted functions (`jax.jit` objects: callable, with `_cache_size`)
+    prefill: Any
 
 
 @functools.cache

@@ -86,7 +86,7 @@ class KVCache(NamedTuple):
         return self.lengths
 
     @property
-    def index(self) -> Array:
+    def index(self) -> Array:  # pyright: ignore[reportIncompatibleMethodOverride]
         """The most slots any row uses (int32 scalar)."""
         return jnp.max(self.lengths)
 

@@ -48,7 +48,17 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..errors import ConfigError
-from ..sharding import DATA, MODEL, SLOT, Split, model_axis_size, put, shard_selection, spec
+from ..sharding import (
+    DATA,
+    MODEL,
+    SLOT,
+    BankMode,
+    Split,
+    model_axis_size,
+    put,
+    shard_selection,
+    spec,
+)
 from ..types import Active, LoraSelection, Routed
 from .config import LlamaConfig
 from .llama import KVCache, Llama, expected_tensor_shapes
@@ -216,7 +226,7 @@ def shard_lora(
     config: LlamaConfig,
     mesh: Mesh,
     *,
-    mode: str = "replicated",
+    mode: BankMode = "replicated",
     splits: Mapping[str, Split | None] | None = None,
     data_axis: str = DATA,
     slot_axis: str = SLOT,

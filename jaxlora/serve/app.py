@@ -32,8 +32,9 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -44,7 +45,7 @@ from ..errors import AdapterExistsError, AdapterNotFoundError, ConfigError, JaxL
 from ..io import load_peft_adapter
 from .engine import BASE, Engine, Row
 from .errors import RequestTimeoutError, RequestTooLargeError
-from .hooks import RoutingHooks
+from .hooks import RoutingHooks, Split
 from .metrics import Metrics
 from .scheduler import Scheduler, Served
 
@@ -230,6 +231,7 @@ async def _generate(service: Service, request: Request) -> Response:
     if unknown:
         raise AdapterNotFoundError(f"unknown adapter {unknown[0]!r}; load it or use one of these.")
     attempts = []
+    served, adapter = None, None
     deadline = time.monotonic() + timeout_s  # one budget for all fallback attempts together
     for i, adapter in enumerate(plan.chain):
         candidate = dataclasses.replace(row, adapter=adapter)
@@ -251,6 +253,7 @@ async def _generate(service: Service, request: Request) -> Response:
             if not accepted:
                 continue
         break
+    assert served is not None  # the chain has at least one adapter (RoutingHooks.plan)
     result, batch = served.result, served.batch
     out = {
         "id": request_id,
@@ -279,7 +282,7 @@ def create_app(service: Service) -> Starlette:
                 extra = {}
                 if isinstance(err, AdapterNotFoundError):
                     extra["adapters"] = [BASE, *sorted(service.engine.adapters())]
-                    extra["tasks"] = sorted({*service.hooks.splits, *service.hooks.fallbacks})
+                    extra["tasks"] = sorted({*_splits(service), *_fallbacks(service)})
                 response = _error(_status(err), str(err), **extra)
             except Exception as err:  # a classifier, confidence function or tokenizer failed
                 _log.exception("POST /generate failed")
@@ -300,8 +303,8 @@ def create_app(service: Service) -> Starlette:
                 "capacity": engine.capacity,
                 "free_slots": engine.capacity - sum(a["slot"] is not None for a in loaded.values()),
                 "rank": engine.rank,
-                "splits": {t: dict(s.arms) for t, s in service.hooks.splits.items()},
-                "fallbacks": {t: list(c) for t, c in service.hooks.fallbacks.items()},
+                "splits": {t: dict(s.arms) for t, s in _splits(service).items()},
+                "fallbacks": {t: list(c) for t, c in _fallbacks(service).items()},
             }
         )
 
@@ -361,3 +364,13 @@ def create_app(service: Service) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _splits(service: Any) -> Mapping[str, Split]:
+    """`task -> Split` (RoutingHooks stores its splits keyed by task after construction)."""
+    return cast(Mapping[str, Split], service.hooks.splits)
+
+
+def _fallbacks(service: Any) -> Mapping[str, tuple[str, ...]]:
+    """`task -> fallback chain` (keyed by task after RoutingHooks' construction)."""
+    return cast(Mapping[str, tuple[str, ...]], service.hooks.fallbacks)
