@@ -251,7 +251,7 @@ CAUGHT_BY = {
     RsloraGlobalRankDriver: "SW-SCALE-3",
     TargetPrefixRegexDriver: "SW-TARGET-1",
     TargetSuffixNoDotDriver: "SW-TARGET-1",
-    DottedNamesRefusedDriver: "SW-BANK-1",
+    DottedNamesRefusedDriver: "SW-BANK-4",
     LastLayerTanhDriver: "SW-MODEL-1",
     LeakyActiveDriver: "SW-HISTORY-1",
     UnknownIsBaseDriver: "SW-ACTIVE-3",
