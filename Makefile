@@ -44,7 +44,7 @@ check-types: $(TEST_STAMP)
 	$(BIN)/pyright --pythonpath $(BIN)/python
 
 check-tests: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q --hypothesis-profile=$(HYPOTHESIS_PROFILE)
+	$(BIN)/python -m pytest -q --durations=30 --hypothesis-profile=$(HYPOTHESIS_PROFILE)
 
 # The examples in the docstrings of jaxlora/ and conformance/; conformance/test_clauses.py is
 # the suite itself (`make conformance`), not a doctest.
