@@ -10,6 +10,9 @@ PYPROJECT_SUM := $(shell cksum < pyproject.toml | cut -d' ' -f1)
 TEST_STAMP := $(VENV)/.installed-test-$(PYPROJECT_SUM)
 DEMO_STAMP := $(VENV)/.installed-demo-$(PYPROJECT_SUM)
 HYPOTHESIS_PROFILE ?= ci
+# pytest worker processes (pytest-xdist); a file's tests stay in one worker (module fixtures
+# are built once). `make test TEST_JOBS=0` runs them in this process.
+TEST_JOBS ?= 2
 
 .PHONY: demo test lint check-types check-tests check-doctests check-wheel conformance venv clean
 
@@ -44,12 +47,13 @@ check-types: $(TEST_STAMP)
 	$(BIN)/pyright --pythonpath $(BIN)/python
 
 check-tests: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q --durations=30 --hypothesis-profile=$(HYPOTHESIS_PROFILE)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=30 \
+		--hypothesis-profile=$(HYPOTHESIS_PROFILE)
 
 # The examples in the docstrings of jaxlora/ and conformance/; conformance/test_clauses.py is
 # the suite itself (`make conformance`), not a doctest.
 check-doctests: $(TEST_STAMP)
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q --doctest-modules jaxlora conformance \
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n $(TEST_JOBS) --doctest-modules jaxlora conformance \
 		--ignore=conformance/test_clauses.py
 
 # The wheel, installed without extras into a fresh venv: `python -m jaxlora --help`,

@@ -1,14 +1,15 @@
 """Serving throughput: dynamic mixed batching vs one request at a time with a switch per request.
 
-Starts the real HTTP server (`jaxlora.serve`) on 127.0.0.1 in this process, sends requests from
-1, 8 and 32 concurrent clients (each request on one of 8 adapters or the base model, chosen at
-random) and reports requests/s and generated tokens/s. Baselines, measured in the same run:
+Starts the real HTTP server (`jaxlora serve`'s app, native `POST /generate`) on 127.0.0.1 in
+this process, sends requests from 1, 8 and 32 concurrent clients (each request on one of 8
+adapters or the base model, chosen at random) and reports requests/s and generated tokens/s.
+Baselines, measured in the same run:
 
 - `sequential switch`: the seed's pattern 1 done naively: one request at a time in-process,
   `generate(model, [prompt], lora=jaxlora.select(jaxlora.conform(bank), name))`, i.e. select
   the request's adapter and generate; already jit-compiled for every prompt length (a
   generous baseline: no HTTP);
-- `server, batch 1`: the same HTTP server restricted to batches of one row, 32 clients.
+- `server, batch 1`: the same HTTP server with an engine of one row, 32 clients.
 
 Numbers are ratios measured in one run on this machine; nothing here is asserted.
 
@@ -29,9 +30,10 @@ import jax
 import numpy as np
 
 import jaxlora
+from jaxlora.engine import Engine, EngineConfig
 from jaxlora.generate import generate
 from jaxlora.models import Llama, LlamaConfig
-from jaxlora.serve import Buckets, Engine, ServerThread, Service, create_app
+from jaxlora.serve import OpenAIService, ServerThread, create_app
 
 CONFIG = LlamaConfig(256, 64, 128, 2, 4, 2, 16)
 ADAPTERS = [f"task{i}" for i in range(8)]
@@ -69,20 +71,26 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(resp.read())
 
 
-def _load(url: str, requests: list[dict], clients: int) -> dict:
+def _load(url: str, engine: Engine, requests: list[dict], clients: int) -> dict:
+    before = engine.metrics()
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         replies = list(pool.map(lambda b: _post(url, b), requests))
     seconds = time.perf_counter() - start
+    after = engine.metrics()
     tokens = sum(len(r["tokens"]) for r in replies)
-    rows = [r["batch"]["rows"] for r in replies]
+    steps = after["decode_steps"] - before["decode_steps"]
+    row_steps = (
+        after["mean_live_rows"] * after["decode_steps"]
+        - before["mean_live_rows"] * before["decode_steps"]
+    )
     return {
         "clients": clients,
         "requests": len(requests),
         "seconds": seconds,
         "requests_per_s": len(requests) / seconds,
         "tokens_per_s": tokens / seconds,
-        "mean_rows_per_batch_seen": float(np.mean(rows)),
+        "mean_rows_per_decode_step": row_steps / max(steps, 1),
     }
 
 
@@ -107,13 +115,13 @@ def _sequential(model, bank, requests: list[dict]) -> dict:
     }
 
 
-def _server(model, bank, batch_sizes: tuple[int, ...], new: int) -> tuple[ServerThread, Engine]:
-    engine = Engine(model, capacity=len(ADAPTERS), rank=8,
-                    buckets=Buckets(batch_sizes, (16,), new))  # fmt: skip
+def _server(model, bank, rows: int, new: int) -> tuple[ServerThread, Engine]:
+    config = EngineConfig(rows=rows, max_len=16 + new, chunks=(16,), slots=len(ADAPTERS), rank=8)
+    engine = Engine(model, config)
+    service = OpenAIService(engine, model_name="bench", adapter_root=".")
     for name in ADAPTERS:
-        engine.load(name, bank[name])
+        service.registry.add(name, bank[name])
     engine.warmup()
-    service = Service(engine, window_s=0.005, max_pending=1024)
     return ServerThread(create_app(service)).start(), engine
 
 
@@ -127,16 +135,16 @@ def main(argv=None) -> dict:
     requests = _requests(args.requests, args.new_tokens)
     results: dict = {"config": dataclasses.asdict(CONFIG), "adapters": len(ADAPTERS)}
     results["sequential_switch"] = _sequential(model, bank, requests)
-    server, engine = _server(model, bank, (1, 8, 32), args.new_tokens)
+    server, engine = _server(model, bank, 32, args.new_tokens)
     try:
-        _load(server.url, requests[:8], 8)  # warm the HTTP path
-        results["batched"] = [_load(server.url, requests, c) for c in (1, 8, 32)]
-        results["compile_count"] = engine.compile_count()
+        _load(server.url, engine, requests[:8], 8)  # warm the HTTP path
+        results["batched"] = [_load(server.url, engine, requests, c) for c in (1, 8, 32)]
+        results["compile_count"] = sum(engine.compile_counts().values())
     finally:
         server.stop()
-    server, _ = _server(model, bank, (1,), args.new_tokens)
+    server, engine = _server(model, bank, 1, args.new_tokens)
     try:
-        results["server_batch_1"] = _load(server.url, requests, 32)
+        results["server_batch_1"] = _load(server.url, engine, requests, 32)
     finally:
         server.stop()
     base = results["sequential_switch"]["requests_per_s"]

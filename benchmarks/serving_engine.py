@@ -1,9 +1,10 @@
 """Server under a mixed workload: continuous batching (the engine) vs the old static batches.
 
-The real HTTP server (`jaxlora.serve`, native `POST /generate`) on 127.0.0.1 in this process;
-clients in separate processes (`benchmarks._clients`, closed loop). Requests: prompts of 3-500
-tokens (log-uniform), 4, 48 or 128 new tokens (in turn), 7 rank-8 adapters + the base model
-(uniform), greedy, no stop. Per server:
+The real HTTP server (`jaxlora serve`'s app, `jaxlora.serve.openai.create_app`, its native
+`POST /generate`) on 127.0.0.1 in this process; clients in separate processes
+(`benchmarks._clients`, closed loop). Requests: prompts of 3-500 tokens (log-uniform), 4, 48
+or 128 new tokens (in turn), 7 rank-8 adapters + the base model (uniform), greedy, no stop.
+Per server:
 
 - `alone`: one client sending only 4-token requests: their latency alone;
 - `1 client` and `16 clients` on the mixed workload: requests/s, tokens/s, and the p50 / p90
@@ -11,9 +12,11 @@ tokens (log-uniform), 4, 48 or 128 new tokens (in turn), 7 rank-8 adapters + the
 
 Targets (engine): throughput at 16 clients >= 3x one client; p50 of 4-token requests at 16
 clients <= 5x their latency alone. The old static scheduler (`benchmarks._static_serving`,
-the same model code) is measured in the same run with the same requests.
+the same model code, behind a minimal HTTP layer of its own) is measured in the same run with
+the same requests.
 
-Run: `python -m benchmarks.serving_engine --json benchmarks/results/serving_engine.json`.
+Run: `python -m benchmarks.serving_engine --json benchmarks/results/serving_engine.json`;
+a smoke run: `--clients 2 --per-client 2 --one 2 --alone 2 --rows 2 --longest 16 --kinds 2,4`.
 """
 
 from __future__ import annotations
@@ -31,10 +34,9 @@ from typing import Any
 import jax
 
 import jaxlora
-from jaxlora.engine import EngineConfig
+from jaxlora.engine import Engine, EngineConfig
 from jaxlora.models import Llama, LlamaConfig
-from jaxlora.serve import ServerThread, Service, create_app
-from jaxlora.serve import engine as serve_engine
+from jaxlora.serve import OpenAIService, ServerThread, create_app
 
 from . import _static_serving as static
 from ._clients import latencies, run_clients
@@ -48,12 +50,15 @@ KINDS = (4, 48, 128)
 LONGEST = 500
 
 
-def workload(n: int, seed: int, kinds: Sequence[int] = KINDS) -> list[tuple[str, dict]]:
-    """`n` `(kind, body)`: log-uniform prompt 3-500 tokens, kind = max_new_tokens (cycling)."""
+def workload(
+    n: int, seed: int, kinds: Sequence[int] = KINDS, longest: int = LONGEST
+) -> list[tuple[str, dict]]:
+    """`n` `(kind, body)`: log-uniform prompt 3-`longest` tokens, kind = max_new_tokens
+    (cycling through `kinds`)."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        length = round(math.exp(rng.uniform(math.log(3), math.log(LONGEST))))
+        length = round(math.exp(rng.uniform(math.log(3), math.log(longest))))
         new = kinds[i % len(kinds)]
         adapter = rng.choice([*ADAPTERS, None])
         tokens = [rng.randrange(1, CONFIG.vocab_size) for _ in range(length)]
@@ -71,56 +76,62 @@ def _adapters(model: Llama) -> dict[str, Any]:
     }
 
 
-class _StaticService(Service):
-    """`Service` on the old static engine and scheduler (benchmark only)."""
-
-    def __post_init__(self) -> None:
-        self.scheduler = static.Scheduler(
-            self.engine, window_s=self.window_s, max_pending=self.max_pending, metrics=self.metrics
-        )
-
-
-def _engine_server(model, adapters, rows: int) -> tuple[ServerThread, Any]:
+def _engine_server(model, adapters, args) -> tuple[ServerThread, Any]:
+    """The one real server: `jaxlora serve`'s app on the engine."""
     config = EngineConfig(
-        rows=rows,
-        max_len=LONGEST + max(KINDS),
-        chunks=(16, 64, 256),
+        rows=args.rows,
+        max_len=args.longest + max(args.kinds),
+        chunks=tuple(c for c in (16, 64, 256) if c <= args.longest) or (args.longest,),
         prefill_tokens=256,
         slots=8,
         rank=8,
+        max_waiting=4096,
     )
-    engine = serve_engine.Engine(
-        model, config=config, buckets=serve_engine.Buckets((rows,), (LONGEST,), max(KINDS))
-    )
+    engine = Engine(model, config)
+    service = OpenAIService(engine, model_name="bench", adapter_root=".", timeout_s=3600)
     for name, adapter in adapters.items():
-        engine.load(name, adapter)
+        service.registry.add(name, adapter)
     engine.warmup()
-    service = Service(engine, max_pending=4096, timeout_s=3600)
-    return ServerThread(create_app(service)).start(), engine
+    return ServerThread(create_app(service)).start(), _Compiles(engine)
 
 
-def _static_server(model, adapters, rows: int) -> tuple[ServerThread, Any]:
-    buckets = static.Buckets((1, rows), (64, LONGEST), max(KINDS))
+class _Compiles:
+    """`compile_count()` of the engine: its compiled executables (SW-ENGINE-3)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def compile_count(self) -> int:
+        return sum(self.engine.compile_counts().values())
+
+
+def _static_server(model, adapters, args) -> tuple[ServerThread, Any]:
+    buckets = static.Buckets(
+        tuple(sorted({1, args.rows})),
+        tuple(sorted({min(64, args.longest), args.longest})),
+        max(args.kinds),
+    )
     engine = static.Engine(model, capacity=8, rank=8, buckets=buckets)
     for name, adapter in adapters.items():
         engine.load(name, adapter)
     engine.warmup()
-    service = _StaticService(engine, window_s=0.005, max_pending=4096, timeout_s=3600)
-    return ServerThread(create_app(service)).start(), engine
+    app = static.create_app(engine, window_s=0.005, max_pending=4096)
+    return ServerThread(app).start(), engine
 
 
 def _measure(url: str, args) -> dict[str, Any]:
-    alone = workload(args.alone, seed=1, kinds=(4,))
-    one = workload(args.one, seed=2)
-    many = workload(args.clients * args.per_client, seed=3)
+    short = str(min(args.kinds))
+    alone = workload(args.alone, seed=1, kinds=(min(args.kinds),), longest=args.longest)
+    one = workload(args.one, seed=2, kinds=args.kinds, longest=args.longest)
+    many = workload(args.clients * args.per_client, seed=3, kinds=args.kinds, longest=args.longest)
     out: dict[str, Any] = {}
     _, records = run_clients(url, [alone])
-    out["alone_4_p50_s"] = statistics.median(latencies(records, "4"))
+    out["alone_4_p50_s"] = statistics.median(latencies(records, short))
     for label, bodies, clients in (("1", one, 1), (str(args.clients), many, args.clients)):
         shares = [bodies[i::clients] for i in range(clients)]
         wall, records = run_clients(url, shares)
         ok = [r for r in records if r[3] == 200]
-        four = sorted(latencies(records, "4"))
+        four = sorted(latencies(records, short))
         out[label] = {
             "clients": clients,
             "requests": len(records),
@@ -141,13 +152,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--one", type=int, default=32, help="mixed requests of the 1-client run")
     parser.add_argument("--alone", type=int, default=16, help="4-token requests alone")
     parser.add_argument("--rows", type=int, default=16, help="engine rows / largest static batch")
+    parser.add_argument("--longest", type=int, default=LONGEST, help="the longest prompt")
+    parser.add_argument(
+        "--kinds",
+        type=lambda t: tuple(int(v) for v in t.split(",")),
+        default=KINDS,
+        help="max_new_tokens of the requests, in turn (the smallest: the latency kind)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     model = Llama.random(CONFIG, seed=0)
     adapters = _adapters(model)
     report: dict[str, Any] = {"config": dataclasses.asdict(CONFIG), "args": vars(args)}
     for name, build in (("engine", _engine_server), ("static", _static_server)):
-        server, engine = build(model, adapters, args.rows)
+        server, engine = build(model, adapters, args)
         try:
             compiled = engine.compile_count()
             result = _measure(server.url, args)

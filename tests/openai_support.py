@@ -1,6 +1,6 @@
 """A tiny model directory with a real tokenizer and chat template, adapters, and a live server.
 
-Shared by tests/test_openai*.py, tests/test_serve_security*.py and benchmarks/openai_load.py:
+Shared by tests/test_openai*.py, tests/test_serve_*.py and benchmarks/openai_load.py:
 a byte-level BPE tokenizer trained here (multi-byte characters split across tokens), saved by
 `transformers` the way real checkpoints are (`tokenizer.json`, `tokenizer_config.json` with a
 chat template), a random Llama whose vocabulary is the tokenizer's, PEFT adapter directories
@@ -119,12 +119,12 @@ def service_for(world: World, engine: Engine, **kwargs: Any):
     return service
 
 
-def start_server(service: Any, native: Any = None):
+def start_server(service: Any):
     """The app on 127.0.0.1 (a free port), started: use as a context manager or `.stop()`."""
     from jaxlora.serve.openai import create_app
     from jaxlora.serve.runner import ServerThread
 
-    return ServerThread(create_app(service, native)).start()
+    return ServerThread(create_app(service)).start()
 
 
 def http(

@@ -67,11 +67,11 @@ def test_a_foreign_host_header_is_refused(open_server):
 
 
 @pytest.mark.clause("SW-SEC-3")
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/load_lora_adapter", "/adapters/x"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/load_lora_adapter", "/generate"])
 def test_a_cross_origin_simple_request_changes_nothing(open_server, path):
     """SW-SEC-3: CSRF: a cross-site `text/plain` POST (a "simple request" a web page can send
     without preflight) is refused, as is any state-changing request with a foreign Origin or
-    Sec-Fetch-Site: cross-site, or a body that is not JSON."""
+    Sec-Fetch-Site: cross-site, or a body that is not JSON; the native `/generate` too."""
     server, service = open_server
     body = json.dumps({"lora_name": "x", "lora_path": "alpha", "model": "alpha", "prompt": "hi"})
     for headers, status in (
@@ -105,6 +105,7 @@ def test_an_api_key_is_checked_on_every_endpoint(keyed_server):
         ("GET", "/health"),
         ("POST", "/v1/completions"),
         ("POST", "/v1/load_lora_adapter"),
+        ("POST", "/generate"),
         ("GET", "/nowhere"),
     ):
         body = {} if method == "POST" else None
@@ -231,9 +232,11 @@ def test_utf8_adapter_names_are_selectable_by_header():
 
 
 @pytest.mark.clause("SW-LIMIT-1")
-def test_json_depth_number_size_and_nul_bytes_are_400s(open_server):
+@pytest.mark.parametrize("path", ["/v1/completions", "/generate"])
+def test_json_depth_number_size_and_nul_bytes_are_400s(open_server, path):
     """SW-LIMIT-1: 100,000-deep JSON, a 5000-digit integer, NaN, and a NUL character in a
-    string are 400s naming the problem (never 500); the server keeps serving."""
+    string are 400s naming the problem (never 500), on every route; the server keeps
+    serving."""
     server, _ = open_server
     cases = {
         b"[" * 100_000 + b"]" * 100_000: "nested 100000 deep, above the limit of 32",
@@ -245,7 +248,7 @@ def test_json_depth_number_size_and_nul_bytes_are_400s(open_server):
     }
     for data, message in cases.items():
         status, _, raw = http(
-            server.url + "/v1/completions",
+            server.url + path,
             "POST",
             data=data,
             headers={"Content-Type": "application/json"},
@@ -273,7 +276,10 @@ def _parse(*argv):
         ("--rows", "0"),
         ("--chunks", "16,x"),
         ("--max-adapter-delta", "0"),
-        ("--window-ms", "-1"),
+        ("--chunks", "64,16"),
+        ("--prefill-tokens", "0"),
+        ("--routing", "fastest"),
+        ("--cache-dtype", "int3"),
         ("--min-confidence", "nan"),
     ],
 )
@@ -299,6 +305,8 @@ def test_cli_help_shows_defaults_and_binds_loopback():
         "(default: 1024)",
         "(default: 600.0)",
         "(default: adapters)",
+        "--routing {auto,gather,onehot,ragged}",
+        "(default: auto)",
     ):
         assert default in " ".join(text.split()), default
     assert args.host == "127.0.0.1" and args.api_key is None

@@ -1,5 +1,11 @@
 """`jaxlora serve`: one base model, many adapters, OpenAI-compatible HTTP (specs/serving.md).
 
+One server (`jaxlora.serve.openai.create_app`): the `/v1/*` routes, the native token-level
+`POST /generate`, `/health` and Prometheus `/metrics`. The engine's sizes
+(`jaxlora.engine.EngineConfig`) are flags: `--rows`, `--max-len`, `--chunks`,
+`--prefill-tokens`, `--slots`, `--rank`, `--targets`, `--cache-dtype`, `--routing`,
+`--max-stop-tokens` and `--max-pending` (its `max_waiting`).
+
 Safe by default (SW-SEC-*): it listens on 127.0.0.1, accepts only local Host names, refuses
 cross-origin state changes, loads adapters at run time only with --enable-runtime-lora, only
 from under --adapter-root, and only for an admin (--api-key, or an explicit
@@ -51,12 +57,20 @@ def _ints(text: str) -> tuple[int, ...]:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1, got {text!r}")
+    if not values or any(v < 1 for v in values) or list(values) != sorted(set(values)):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct comma-separated ints >= 1 in ascending order, got {text!r}"
+        )
     return values
 
 
+#: The KV cache dtypes `--cache-dtype` takes (None: the model's dtype).
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jaxlora.routing import ROUTINGS
+
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     add = parser.add_argument
     add(
@@ -110,6 +124,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--rows", type=_positive, default=16, help="sequences decoded together")
     add("--max-len", type=_positive, default=512, help="prompt + generated tokens per request")
     add("--chunks", type=_ints, default=(16, 64), help="prefill chunk sizes, ascending")
+    add(
+        "--prefill-tokens",
+        type=_positive,
+        default=256,
+        help="tokens per prefill call (a call takes prefill_tokens // chunk prompts)",
+    )
+    add(
+        "--cache-dtype",
+        default=None,
+        choices=CACHE_DTYPES,
+        help="KV cache dtype (None: the model's)",
+    )
+    add("--routing", default="auto", choices=ROUTINGS, help="mixed-batch LoRA kernel")
     add("--slots", type=_positive, default=8, help="device adapter slots (LRU cache)")
     add("--rank", type=_positive, default=None, help="slot rank (None: the largest loaded, or 8)")
     add(
@@ -133,7 +160,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--split", action="append", default=[], help="A/B split, e.g. task=a:0.9,b:0.1")
     add("--fallback", action="append", default=[], help="fallback chain, e.g. task=a,b,base")
     add("--min-confidence", type=_confidence, default=-math.inf, help="fallback acceptance bar")
-    add("--classifier", default=None, help="module:function, body -> adapter name")
+    add(
+        "--classifier",
+        default=None,
+        help="module:function, body -> adapter name, for POST /generate requests naming none",
+    )
     add("--no-warmup", action="store_true", help="compile on first use")
     add(
         "--log-level",
@@ -180,6 +211,9 @@ def build_service(args: argparse.Namespace) -> Any:
         rows=args.rows,
         max_len=args.max_len,
         chunks=args.chunks,
+        prefill_tokens=args.prefill_tokens,
+        cache_dtype=args.cache_dtype,
+        routing=args.routing,
         slots=args.slots,
         rank=args.rank or max(ranks, default=8),
         max_waiting=args.max_pending,

@@ -1,23 +1,20 @@
-"""Serving many adapters over HTTP with dynamic mixed batching (spec `specs/serving.md`).
+"""Serving many adapters over HTTP: one server, OpenAI-compatible and native routes
+(spec `specs/serving.md`).
 
-Needs the `serve` extra (`pip install jaxlora[serve]`: starlette, uvicorn) for `create_app`
-and `ServerThread`; `Engine` and `Scheduler` need only JAX.
+`jaxlora serve` runs `create_app(OpenAIService(engine, ...))` on a `jaxlora.engine.Engine`
+(continuous batching): `/v1/models`, `/v1/completions`, `/v1/chat/completions`, runtime
+loading in vLLM's form, the native token-level `POST /generate`, `/health` and Prometheus
+`/metrics`, all behind `SecurityMiddleware`. Needs the `serve` extra (`pip install
+jaxlora[serve]`: starlette, uvicorn, prometheus_client, tokenizers, jinja2) for
+`OpenAIService`, `create_app` and `ServerThread`; the routing hooks need nothing.
 
 Example:
-    >>> from jaxlora.models import Llama, LlamaConfig
-    >>> from jaxlora.serve import Buckets, Engine
-    >>> engine = Engine(Llama.random(LlamaConfig(64, 16, 32, 1, 2, 1, 8)), capacity=2, rank=2,
-    ...                 buckets=Buckets((1, 4), (8,), 4))
-    >>> engine.capacity
-    2
+    >>> from jaxlora.serve import RoutingHooks, parse_split
+    >>> hooks = RoutingHooks(splits=[parse_split("t=a:0.5,b:0.5")])
+    >>> hooks.plan({"adapter": "t"}, header=None, request_id="r1").route["split"]["task"]
+    't'
 """
 
-from .engine import BASE as BASE
-from .engine import Buckets as Buckets
-from .engine import Engine as Engine
-from .engine import Row as Row
-from .engine import RowResult as RowResult
-from .errors import NoFreeSlotError as NoFreeSlotError
 from .errors import QueueFullError as QueueFullError
 from .errors import RequestTimeoutError as RequestTimeoutError
 from .errors import RequestTooLargeError as RequestTooLargeError
@@ -25,16 +22,18 @@ from .hooks import RoutingHooks as RoutingHooks
 from .hooks import Split as Split
 from .hooks import parse_fallback as parse_fallback
 from .hooks import parse_split as parse_split
-from .metrics import Metrics as Metrics
-from .scheduler import Scheduler as Scheduler
+from .registry import BASE as BASE
+from .registry import Registry as Registry
+from .security import Policy as Policy
 
 
 def __getattr__(name: str):
-    """`create_app`, `Service` and `ServerThread` import starlette/uvicorn only when used."""
-    if name in ("create_app", "Service"):
-        from . import app
+    """`OpenAIService`, `create_app` and `ServerThread` import starlette / uvicorn only when
+    used."""
+    if name in ("OpenAIService", "create_app"):
+        from . import openai
 
-        return getattr(app, name)
+        return getattr(openai, name)
     if name == "ServerThread":
         from .runner import ServerThread
 

@@ -2,24 +2,30 @@
 
 They derive from `jaxlora.errors.ConfigError` (so from `JaxLoraError` and `ValueError`): a
 caller of the Python API catches them like any other jaxlora input error. `param` names the
-request field at fault (OpenAI's `error.param`), when there is one.
+request field at fault (OpenAI's `error.param`), when there is one. The engine's submission
+errors (`QueueFullError` 503, `RequestTooLargeError` 413, `EngineStoppedError` 503, from
+`jaxlora.engine`) are re-exported here: the HTTP layer answers them with their `status`.
 
 Example:
-    >>> QueueFullError("queue full").status
-    503
+    >>> QueueFullError("queue full").status, RequestTooLargeError("too long").status
+    (503, 413)
     >>> UnsupportedFieldError("`logit_bias` is not supported", param="logit_bias").param
     'logit_bias'
 """
 
 from __future__ import annotations
 
+from ..engine.errors import EngineStoppedError as EngineStoppedError
+from ..engine.errors import QueueFullError as QueueFullError
+from ..engine.errors import RequestTooLargeError as RequestTooLargeError
 from ..errors import ConfigError
 
 __all__ = [
+    "CLIENT_CLOSED",
     "AuthenticationError",
     "BadRequestError",
+    "EngineStoppedError",
     "ForbiddenError",
-    "NoFreeSlotError",
     "NonFiniteOutputError",
     "QueueFullError",
     "RequestTimeoutError",
@@ -27,6 +33,10 @@ __all__ = [
     "UnsupportedFieldError",
     "UnsupportedMediaTypeError",
 ]
+
+
+#: nginx's status for "client closed the request": recorded in the metrics, never sent.
+CLIENT_CLOSED = 499
 
 
 class _HTTPError(ConfigError):
@@ -73,27 +83,8 @@ class NonFiniteOutputError(_HTTPError):
     kind = "non_finite_output"
 
 
-class RequestTooLargeError(_HTTPError):
-    """A prompt, `max_new_tokens` or body above the server's limits (HTTP 413)."""
-
-    status = 413
-
-
-class QueueFullError(_HTTPError):
-    """The scheduler holds as many pending requests as it admits (HTTP 503, retry later)."""
-
-    status = 503
-    kind = "server_busy"
-
-
 class RequestTimeoutError(_HTTPError, TimeoutError):
     """A request was not served before its deadline (HTTP 504); it was dropped from the queue."""
 
     status = 504
     kind = "timeout"
-
-
-class NoFreeSlotError(_HTTPError):
-    """Every adapter slot is in use (HTTP 409); unload one first."""
-
-    status = 409

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -185,14 +186,26 @@ async def run_chain(
     confidence: Callable[[Attempt], float] = _mean_logprob,
     min_confidence: float = -math.inf,
     on_attempt: Callable[[Attempt], None] | None = None,
+    deadline: float | None = None,
 ) -> tuple[Attempt, list[dict[str, Any]]]:
     """Run `choice` down the fallback `chain` (None: the base model); returns the answering
-    attempt and the record of every attempt (SW-ROBUST-2)."""
+    attempt and the record of every attempt (SW-ROBUST-2). With a `deadline`
+    (`time.monotonic()`), all the attempts share it: each gets only the time left, and none
+    starts after it (`RequestTimeoutError`, SW-SERVE-6)."""
     record: list[dict[str, Any]] = []
     answer: tuple[Attempt, int] | None = None
     error: Exception | None = None
     for i, name in enumerate(chain):
         last = i == len(chain) - 1
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RequestTimeoutError(
+                    f"the request ran past its timeout with {i} of {len(chain)} fallback "
+                    "attempts done; retry with a larger timeout or later."
+                )
+            if choice.timeout_s is None or left < choice.timeout_s:
+                choice = dataclasses.replace(choice, timeout_s=left)
         try:
             info = None if name is None else registry.acquire(name)
         except AdapterNotFoundError as err:

@@ -15,6 +15,10 @@ Every answer names the adapter version that produced it (its content hash): the
 `X-Adapter-Version` header, `system_fingerprint`, and `adapter` / `adapter_version` of each
 choice; it shows no other adapter and, except to admins, no file path.
 
+The same app serves the native token-level `POST /generate` (`jaxlora.serve.native`) on the
+same registry, hooks, limits and metrics, and `GET /health`. Every error, on every route, has
+OpenAI's shape.
+
 Example:
     >>> from jaxlora.engine import Engine, EngineConfig
     >>> from jaxlora.models import Llama, LlamaConfig
@@ -43,20 +47,19 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..errors import AdapterExistsError, AdapterNotFoundError, JaxLoraError
-from .errors import BadRequestError
+from .errors import CLIENT_CLOSED, BadRequestError
 from .generation import Attempt, EngineLike, run_chain
 from .hooks import RoutingHooks
 from .limits import Fields, parse_json, read_body
 from .metrics import CONTENT_TYPE, Prometheus
+from .native import ENDPOINT as NATIVE_ENDPOINT
+from .native import generate_answer, race
 from .openai_params import Job, Limits, parse_chat, parse_completion
 from .registry import BASE, Registry
 from .security import Policy, SecurityMiddleware, error_body, is_admin
 from .text import Text
 
 __all__ = ["CLIENT_CLOSED", "OpenAIService", "create_app", "error_response"]
-
-#: nginx's status for "client closed the request": recorded, never sent.
-CLIENT_CLOSED = 499
 
 _log = logging.getLogger(__name__)
 
@@ -123,17 +126,19 @@ class OpenAIService:
         return self.hooks.plan({"adapter": model}, None, request_id).chain
 
 
+_KINDS = {404: "not_found_error", 409: "conflict_error", 503: "server_busy", 500: "server_error"}
+
+
 def error_response(path: str, err: Exception) -> JSONResponse:
-    """The JSON error answer for `err` (OpenAI's shape on /v1/*)."""
+    """The JSON error answer for `err` (OpenAI's shape; `path` names the field at fault)."""
     if isinstance(err, AdapterNotFoundError):
-        status, kind, param = 404, "not_found_error", "model"
+        status, param = 404, "adapter" if path == NATIVE_ENDPOINT else "model"
     elif isinstance(err, AdapterExistsError):
-        status, kind, param = 409, "conflict_error", "lora_name"
+        status, param = 409, "lora_name"
     else:
-        status = getattr(err, "status", 400)
-        kind = getattr(err, "kind", "invalid_request_error")
-        param = getattr(err, "param", None)
-    return JSONResponse(error_body(path, status, str(err), kind, param), status_code=status)
+        status, param = getattr(err, "status", 400), getattr(err, "param", None)
+    kind = getattr(err, "kind", None) or _KINDS.get(status, "invalid_request_error")
+    return JSONResponse(error_body(status, str(err), kind, param), status_code=status)
 
 
 async def _body(service: OpenAIService, request: Request) -> Any:
@@ -233,6 +238,8 @@ class _Run:
         if name is not None and service.registry.get(name) is None:
             raise AdapterNotFoundError(f"the model `{job.model}` does not exist.")
         self.created = int(time.time())
+        timeout = service.limits.timeout_s
+        self.deadline = None if timeout is None else time.monotonic() + timeout
 
     def _finished(self, attempt: Attempt) -> None:
         if attempt.result is not None:
@@ -253,6 +260,7 @@ class _Run:
             confidence=lambda a: s.hooks.confidence(body, a),
             min_confidence=s.hooks.min_confidence,
             on_attempt=self._finished,
+            deadline=self.deadline,
         )
 
     def start(self) -> None:
@@ -334,7 +342,6 @@ class _Run:
                 if isinstance(extra, Exception):
                     err = extra
                     body = error_body(
-                        "/v1/",
                         getattr(err, "status", 500),
                         str(err),
                         getattr(err, "kind", "server_error"),
@@ -444,20 +451,20 @@ def _routes(service: OpenAIService) -> list[Route]:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Adapter-Version": version},
             )
-        work = asyncio.ensure_future(run.answer())
-        gone = asyncio.ensure_future(_until_disconnect(request))
-        try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not work.done():  # the client went away: cancel its rows, answer nobody
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await work
+        done, body = await race(run.answer(), _until_disconnect(request), None)
+        if not done:  # the client went away: its rows are cancelled, nobody is answered
             return Response(status_code=CLIENT_CLOSED)
-        body = work.result()
         version = body["choices"][0]["adapter_version"]
         return JSONResponse(body, headers={"X-Adapter-Version": version})
+
+    async def native(request: Request) -> Response:
+        body = await _body(s, request)
+        header = request.headers.get("x-task-type")
+        answer = await generate_answer(s, body, header, lambda: _until_disconnect(request))
+        if answer is None:
+            return Response(status_code=CLIENT_CLOSED)
+        out, version = answer
+        return JSONResponse(out, headers={"X-Adapter-Version": version})
 
     async def completions(request: Request) -> Response:
         return await generate(request, parse_completion)
@@ -526,6 +533,7 @@ def _routes(service: OpenAIService) -> list[Route]:
         Route("/v1/chat/completions", guarded(chat), methods=["POST"]),
         Route("/v1/load_lora_adapter", guarded(load), methods=["POST"]),
         Route("/v1/unload_lora_adapter", guarded(unload), methods=["POST"]),
+        Route(NATIVE_ENDPOINT, guarded(native), methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
@@ -544,24 +552,30 @@ def _first_version(service: OpenAIService, chain) -> str:
     return BASE if info is None else info.version
 
 
-def create_app(service: OpenAIService, native: Starlette | None = None) -> Starlette:
-    """The server: the OpenAI routes, then `native`'s routes (its lifespan runs too), all
-    behind `SecurityMiddleware`; the lifespan starts and stops the engine."""
+def create_app(service: OpenAIService) -> Starlette:
+    """The server: every route behind `SecurityMiddleware`; the lifespan starts and stops
+    the engine."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         engine: Any = service.engine
         engine.start()
         try:
-            if native is not None:
-                async with native.router.lifespan_context(native):
-                    yield
-            else:
-                yield
+            yield
         finally:
             await asyncio.to_thread(engine.stop)
 
-    routes = _routes(service) + ([] if native is None else list(native.routes))
+    async def no_route(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        message = f"no route {request.method} {request.url.path} on this server."
+        kind = _KINDS.get(status, "invalid_request_error")
+        return JSONResponse(error_body(status, message, kind, None), status_code=status)
+
     refused = service.metrics.response
     middleware = [Middleware(SecurityMiddleware, policy=service.policy, on_refused=refused)]
-    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+    return Starlette(
+        routes=_routes(service),
+        lifespan=lifespan,
+        middleware=middleware,
+        exception_handlers={404: no_route, 405: no_route},
+    )

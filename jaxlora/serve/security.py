@@ -47,6 +47,7 @@ from .errors import (
 )
 
 __all__ = [
+    "ADMIN_PATHS",
     "LOCAL_HOSTS",
     "Policy",
     "SecurityMiddleware",
@@ -64,11 +65,8 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _STATE_KEY = "jaxlora_admin"
 
 
-def _admin_route(method: str, path: str) -> bool:
-    """The endpoints that change which adapters are served."""
-    if path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
-        return True
-    return method in ("POST", "DELETE", "PUT") and path.startswith("/adapters/")
+#: The endpoints that change which adapters are served.
+ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 
 
 def _hostname(value: str) -> str:
@@ -148,7 +146,7 @@ class Policy:
                     f"the body must be sent as `Content-Type: application/json`, got "
                     f"{media or 'none'!r}."
                 )
-        if _admin_route(method, path) and not self.admin_allowed():
+        if path in ADMIN_PATHS and not self.admin_allowed():
             raise ForbiddenError(
                 f"{method} {path} is an admin endpoint and this server has no API key: start it "
                 "with --api-key KEY (and send the key) or, on a trusted machine, "
@@ -156,11 +154,9 @@ class Policy:
             )
 
 
-def error_body(path: str, status: int, message: str, kind: str, param: str | None) -> dict:
-    """The JSON error body: OpenAI's shape on `/v1/*`, `{"error": message}` elsewhere."""
-    if path.startswith("/v1/"):
-        return {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return {"error": message}
+def error_body(status: int, message: str, kind: str, param: str | None) -> dict:
+    """The JSON error body of every route: OpenAI's shape (spec SW-OAI-7)."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
 def is_admin(scope: Any) -> bool:
@@ -187,9 +183,7 @@ class SecurityMiddleware:
         except (ForbiddenError, AuthenticationError, UnsupportedMediaTypeError) as err:
             if self.on_refused is not None:
                 self.on_refused(scope["path"], err.status)
-            body = json.dumps(
-                error_body(scope["path"], err.status, str(err), err.kind, None)
-            ).encode()
+            body = json.dumps(error_body(err.status, str(err), err.kind, None)).encode()
             extra = [(b"www-authenticate", b"Bearer")] if err.status == 401 else []
             await send(
                 {

@@ -1,0 +1,219 @@
+"""The native token-level route `POST /generate` (spec SW-SERVE-1..10, SW-SERVE-13).
+
+A route of the one server (`jaxlora.serve.openai.create_app`): the same registry (adapter
+versions), `run_chain` (fallback chains, non-finite rows), routing hooks, security middleware,
+JSON limits and Prometheus metrics as the OpenAI routes. What it adds over `/v1/completions`
+with token-id prompts: greedy by default, the adapter chosen by the `adapter` field, the
+`X-Task-Type` header or a classifier (SW-SERVE-8), A/B arms fixed by the request `id`
+(SW-SERVE-9), a request's own `fallback` list and `timeout`, and the routing decision in the
+answer (`route`).
+
+Body fields (any other is a 400 naming it): `tokens` (token ids) or `text` (with the model's
+tokenizer), `adapter` (a name, a task, `base` or null), `fallback`, `max_new_tokens`,
+`temperature` (default 0), `top_k`, `top_p`, `seed` (default: derived from `id`), `stop`
+(token ids, kept in the output), `id`, `timeout` and `metadata` (an object the server does not
+read, for the classifier). `model` is refused: it is the OpenAI routes' name for the adapter.
+The answer: `id`, `adapter`, `adapter_version`, `tokens`, `logprobs`, `finish_reason`,
+`route` and (with a tokenizer) `text`; nothing about other requests.
+
+Example:
+    >>> from jaxlora.serve.limits import parse_json
+    >>> from jaxlora.serve.openai_params import Limits
+    >>> job = parse_generate(parse_json(b'{"tokens": [1, 2], "max_new_tokens": 3, "id": "r1"}'),
+    ...                      Limits(vocab=64, max_len=16), None)
+    >>> job.choice.max_tokens, job.choice.sampling.temperature, job.id
+    (3, 0.0, 'r1')
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from ..engine.sampling import SEED_LIMIT, SamplingParams
+from ..errors import AdapterNotFoundError
+from .errors import (
+    BadRequestError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    UnsupportedFieldError,
+)
+from .generation import Attempt, Choice, run_chain
+from .limits import Fields
+from .openai_params import Limits
+from .registry import BASE
+from .text import Text
+
+__all__ = ["GenerateJob", "generate_answer", "parse_generate", "race"]
+
+ENDPOINT = "/generate"
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateJob:
+    """A parsed `POST /generate` body: the request id, what the engine runs, the time limit."""
+
+    id: str
+    choice: Choice
+    timeout_s: float | None
+
+
+def _ids(f: Fields, key: str, vocab: int, *, empty: bool = False) -> tuple[int, ...]:
+    value = f.raw(key, [] if empty else None)
+    ok = isinstance(value, list) and (bool(value) or empty)
+    if not ok or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise BadRequestError(f"`{key}` must be a non-empty list of token ids (ints).", param=key)
+    bad = [t for t in value if not 0 <= t < vocab]
+    if bad:
+        raise BadRequestError(
+            f"`{key}` holds token ids outside [0, {vocab}): {bad[:5]}.", param=key
+        )
+    return tuple(value)
+
+
+def _prompt(f: Fields, limits: Limits, text: Text | None) -> tuple[int, ...]:
+    if f.has("tokens") and f.has("text"):
+        raise BadRequestError("give `tokens` or `text`, not both.", param="text")
+    if not f.has("text"):
+        return _ids(f, "tokens", limits.vocab)
+    if text is None:
+        raise BadRequestError(
+            "this server has no tokenizer: send `tokens` (token ids).", param="text"
+        )
+    value = f.str("text")
+    tokens = tuple(text.encode(value)) if value else ()
+    if not tokens:
+        raise BadRequestError("`text` must be a non-empty string.", param="text")
+    return tokens
+
+
+def parse_generate(body: Any, limits: Limits, text: Text | None) -> GenerateJob:
+    """A `POST /generate` body -> `GenerateJob` (`BadRequestError` naming the field; 413 for
+    a prompt plus `max_new_tokens` above the context). `adapter` and `fallback` are read by
+    the routing hooks (`RoutingHooks.plan`)."""
+    f = Fields(body)
+    if "model" in f.body:
+        raise UnsupportedFieldError(
+            "`model` is not a field of POST /generate: name the adapter (or task, or `base`) in "
+            "`adapter`. On /v1/completions `model` names it.",
+            param="model",
+        )
+    request_id = f.str("id") or uuid.uuid4().hex
+    tokens = _prompt(f, limits, text)
+    room = limits.max_len - len(tokens)
+    if room < 1:
+        raise RequestTooLargeError(
+            f"the prompt length is {len(tokens)}, above this server's limit of "
+            f"{limits.max_len - 1} (max_len {limits.max_len} minus one new token)."
+        )
+    asked = f.int("max_new_tokens", None, lo=1)
+    if asked is not None and asked > room:
+        raise RequestTooLargeError(
+            f"max_new_tokens is {asked}; with the prompt's {len(tokens)} tokens the limit of "
+            f"this server (max_len {limits.max_len}) is {room}."
+        )
+    max_new = min(limits.default_max_tokens, room) if asked is None else asked
+    temperature = f.number("temperature", 0.0, lo=0.0)
+    top_k = f.int("top_k", 0, lo=0, hi=limits.vocab)
+    top_p = f.number("top_p", 1.0, lo=0.0, hi=1.0)
+    if top_p == 0:
+        raise BadRequestError("`top_p` must be in (0, 1], got 0.", param="top_p")
+    default_seed = int(uuid.uuid5(uuid.NAMESPACE_OID, request_id)) % SEED_LIMIT
+    seed = f.int("seed", default_seed, lo=0, hi=SEED_LIMIT - 1)
+    stop = _ids(f, "stop", limits.vocab, empty=True) if f.has("stop") else ()
+    if len(stop) > limits.stop_width:
+        raise BadRequestError(
+            f"at most {limits.stop_width} stop tokens, got {len(stop)}.", param="stop"
+        )
+    timeout = f.number("timeout", None, lo=0.0)
+    if timeout is not None and timeout <= 0:
+        raise BadRequestError("`timeout` must be a number of seconds > 0.", param="timeout")
+    if limits.timeout_s is not None:
+        timeout = limits.timeout_s if timeout is None else min(timeout, limits.timeout_s)
+    if f.has("metadata") and not isinstance(f.raw("metadata"), Mapping):
+        raise BadRequestError("`metadata` must be a JSON object.", param="metadata")
+    f.finish(also=("adapter", "fallback"))
+    sampling = SamplingParams(temperature, top_k, top_p, seed)
+    return GenerateJob(request_id, Choice(tokens, max_new, sampling, stop, (), timeout), timeout)
+
+
+async def race(
+    work: Awaitable[Any], disconnected: Awaitable[Any], timeout_s: float | None
+) -> tuple[bool, Any]:
+    """`(done, result)`: the result of `work`, or `(False, None)` when `disconnected` ends
+    first (the work is cancelled); `RequestTimeoutError` after `timeout_s` seconds."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(disconnected)
+    try:
+        await asyncio.wait({task, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task.done():
+        return True, task.result()
+    task.cancel()  # its engine requests are cancelled, their adapter versions released
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    if gone.done() and not gone.cancelled():
+        return False, None
+    raise RequestTimeoutError(
+        f"no result within the request's timeout of {timeout_s} s; retry with a larger "
+        "`timeout` or when the server is less busy."
+    )
+
+
+async def generate_answer(
+    service: Any,
+    body: Any,
+    header: str | None,
+    disconnected: Callable[[], Awaitable[Any]],
+) -> tuple[dict[str, Any], str] | None:
+    """Answer one `POST /generate` body on `service` (an `OpenAIService`): `(JSON answer,
+    adapter version)`, or None when the client went away."""
+    s = service
+    job = parse_generate(body, s.limits, s.text)
+    plan = s.hooks.plan(body, header, job.id)
+    chain = tuple(None if n == s.model_name else n for n in plan.chain)
+    if len(chain) == 1 and chain[0] is not None and s.registry.get(chain[0]) is None:
+        raise AdapterNotFoundError(
+            f"no adapter or task named {chain[0]!r} is served here; see GET /v1/models."
+        )
+    started = time.monotonic()
+    deadline = None if job.timeout_s is None else started + job.timeout_s
+    s.metrics.request(chain[0] or BASE, ENDPOINT)
+
+    def finished(attempt: Attempt) -> None:
+        if attempt.result is not None:
+            s.metrics.finished(attempt.adapter, attempt.result, len(attempt.choice.tokens))
+
+    work = run_chain(
+        s.engine,
+        s.text,
+        s.registry,
+        job.choice,
+        chain,
+        confidence=lambda a: s.hooks.confidence(body, a),
+        min_confidence=s.hooks.min_confidence,
+        on_attempt=finished,
+        deadline=deadline,
+    )
+    done, result = await race(work, disconnected(), job.timeout_s)
+    if not done:
+        return None
+    attempt, record = result
+    out: dict[str, Any] = {
+        "id": job.id,
+        "adapter": attempt.adapter,
+        "adapter_version": attempt.version,
+        "tokens": attempt.tokens,
+        "logprobs": attempt.logprobs,
+        "finish_reason": attempt.finish_reason,
+        "route": plan.route | ({"attempts": record} if len(chain) > 1 else {}),
+    }
+    if s.text is not None:
+        out["text"] = attempt.text
+    return out, attempt.version
