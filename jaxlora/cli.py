@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "switch-demo": ("demo", "switch one jitted forward through 8 adapters, checked vs NumPy"),
     "generate": ("generate", "generate from JSONL requests, each on its own adapter"),
     "inspect": ("inspect", "list the adapters of a PEFT directory and whether they load"),
-    "serve": ("serve", "serve many adapters over HTTP with dynamic mixed batching"),
+    "serve": ("serve", "serve many adapters over HTTP (OpenAI API, continuous batching)"),
     "compare": ("compare", "per-request divergence between two adapters, offline"),
     "train": ("train", "fine-tune LoRA adapters on a JSONL dataset, several at once"),
 }

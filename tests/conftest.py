@@ -4,6 +4,12 @@ Profiles (`pytest --hypothesis-profile=NAME`, or HYPOTHESIS_PROFILE=NAME):
 - `ci` (default, used by `make test`): few examples, derandomized, no deadline (jit compiles).
 - `dev`: fewer examples for quick local loops.
 - `thorough`: many examples, random seeds; `make test HYPOTHESIS_PROFILE=thorough`.
+
+XLA compilations are kept in JAX's persistent compilation cache
+(`.pytest_cache/jax-compilation`, or `$JAXLORA_TEST_JAX_CACHE`; empty: off), so a program that
+several tests (or both pytest-xdist workers) compile is compiled once per run, and a rerun
+starts warm. Compile counts in tests are `jax.jit` cache entries (`_cache_size`), which a
+persistent-cache hit adds like a compilation, so they are unaffected.
 """
 
 from __future__ import annotations
@@ -13,7 +19,18 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from pathlib import Path
+
+import jax
 from hypothesis import HealthCheck, settings
+
+_JAX_CACHE = os.environ.get(
+    "JAXLORA_TEST_JAX_CACHE",
+    str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation"),
+)
+if _JAX_CACHE:
+    jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 _common = dict(
     deadline=None,
