@@ -1,9 +1,10 @@
 """Tensor parallelism on fake CPU devices: sharded vs unsharded step time, bytes per device.
 
-One run, ratios only (spec SW-TP-1, SW-TP-2): a mixed-batch prefill forward and a decode step
-of the same Llama with a routed bank, unsharded (one device) and on `(data, model)` meshes of
-the `--devices` fake CPU devices; the compiled collectives of the base and LoRA forwards; the
-bytes one device holds of the weights and of the stacked bank, over the total.
+One run, ratios only (spec SW-TP-1, SW-TP-2, SW-TP-5): a mixed-batch prefill forward and a
+decode step of the same Llama with a routed bank, unsharded (one device) and on `(data, model)`
+meshes of the `--devices` fake CPU devices, with each LoRA layout (`--layouts`:
+`replicate-factors`, `split-factors`); the compiled collectives of the base and LoRA forwards;
+the bytes one device holds of the weights and of the stacked bank, over the total.
 
 The fake devices (`--xla_force_host_platform_device_count`) share the machine's cores, so a
 sharded step cannot be faster here: the ratio measures what partitioning costs (collectives,
@@ -43,6 +44,9 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--meshes", default="1x8,2x4,4x2", help="data x model meshes")
+    p.add_argument(
+        "--layouts", default="replicate-factors,split-factors", help="LoRA layouts (SW-TP-5)"
+    )
     p.add_argument("--json-dir", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -115,38 +119,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     weights_total = sum(v.nbytes for v in model.tensors().values())
     bank_total = sum(leaf.nbytes for leaf in jax.tree.leaves(stacked))
+    want = np.asarray(forward(model, tokens, lora=routed))
+    layouts = args.layouts.split(",")
     memory, comms = [], []
     for spec in args.meshes.split(","):
         data, m = (int(v) for v in spec.split("x"))
         mesh = make_mesh(data=data, model=m)
         sharded = tp.shard_model(model, mesh)
-        lora = tp.shard_lora(routed, config, mesh)
         x = shard_batch(tokens, mesh)
         t1 = shard_batch(step_tokens, mesh)
         scache = tp.shard_cache(cache, config, mesh)
-        variants[f"{spec}/prefill"] = functools.partial(forward, sharded, x, lora=lora)
-        variants[f"{spec}/decode"] = decode_fn(sharded, lora, t1, scache)
-        got = np.asarray(forward(sharded, x, lora=lora))
-        want = np.asarray(forward(model, tokens, lora=routed))
-        ok, err, bound = reference.allclose(got, want.astype(np.float64), "float32")
         w = max(device_bytes(sharded.tensors()).values())
-        b = max(device_bytes(lora.stacked).values())
-        memory.append(
-            {
-                "mesh": spec,
-                "weights_MB_per_device": w / 1e6,
-                "weights_vs_total": w / weights_total,
-                "one_over_model": 1 / m,
-                "bank_MB_per_device": b / 1e6,
-                "bank_vs_total": b / bank_total,
-                "equal_unsharded": bool(ok),
-                "max_err": float(err),
-                "bound": float(bound),
-            }
-        )
         base_c = collectives(sharded, x, None)
-        lora_c = collectives(sharded, x, lora)
-        comms.append({"mesh": spec, "base": str(base_c), "lora": str(lora_c)})
+        for layout in layouts:
+            lora = tp.shard_lora(routed, config, mesh, lora_layout=layout)
+            name = f"{spec}/{layout}"
+            variants[f"{name}/prefill"] = functools.partial(forward, sharded, x, lora=lora)
+            variants[f"{name}/decode"] = decode_fn(sharded, lora, t1, scache)
+            got = np.asarray(forward(sharded, x, lora=lora))
+            ok, err, bound = reference.allclose(got, want.astype(np.float64), "float32")
+            b = max(device_bytes(lora.stacked).values())
+            memory.append(
+                {
+                    "mesh": spec,
+                    "lora_layout": layout,
+                    "weights_MB_per_device": w / 1e6,
+                    "weights_vs_total": w / weights_total,
+                    "one_over_model": 1 / m,
+                    "bank_MB_per_device": b / 1e6,
+                    "bank_vs_total": b / bank_total,
+                    "equal_unsharded": bool(ok),
+                    "max_err": float(err),
+                    "bound": float(bound),
+                }
+            )
+            comms.append(
+                {
+                    "mesh": spec,
+                    "lora_layout": layout,
+                    "base": str(base_c),
+                    "lora": str(collectives(sharded, x, lora)),
+                }
+            )
     slot_mesh = make_mesh(data=1, slot=2, model=args.devices // 2)
     slot_bank = tp.shard_lora(routed, config, slot_mesh, mode="slot").stacked
     slot_bytes = max(device_bytes(slot_bank).values())
@@ -161,12 +175,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings = time_interleaved(variants, warmup=1, repeats=args.repeats)
     times = []
     for name, t in timings.items():
-        spec, kind = name.split("/")
+        spec, *layout, kind = name.split("/")
         base = timings[f"unsharded/{kind}"].median_s
-        times.append(
-            {"variant": name, "median_ms": t.median_s * 1e3, "vs_unsharded": t.median_s / base}
-        )
-    print(format_table(times))
+        row = {"variant": name, "median_ms": t.median_s * 1e3, "vs_unsharded": t.median_s / base}
+        if layout:  # the first layout's time on the same mesh, for the ratio between layouts
+            row["vs_first_layout"] = t.median_s / timings[f"{spec}/{layouts[0]}/{kind}"].median_s
+        times.append(row)
+    print(format_table(times, ["variant", "median_ms", "vs_unsharded", "vs_first_layout"]))
     print()
     print(format_table(memory))
     print()

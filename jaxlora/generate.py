@@ -34,6 +34,7 @@ from .engine import Engine, EngineConfig, Request, SamplingParams
 from .engine import compile_counts as _engine_compile_counts
 from .errors import ConfigError
 from .models.llama import Llama, check_lora
+from .sharding import to_host
 from .types import NO_ADAPTER, LoraSelection, Routed, Routing
 
 __all__ = ["Generation", "compile_counts", "default_config", "generate"]
@@ -144,7 +145,7 @@ def _seeds(seed, key, batch: int) -> list[int]:
         return [0] * batch
     # one uint32 seed per row from the key: the same key gives the same tokens (SW-GEN-4)
     bits = jax.random.bits(key, (batch,), np.uint32)
-    return [int(b) for b in np.asarray(bits)]
+    return [int(b) for b in to_host(bits)]
 
 
 def generate(
@@ -216,7 +217,7 @@ def generate(
     if widest > config.stop_width:
         config = dataclasses.replace(config, stop_width=widest)
     if isinstance(sel, Routed):
-        ids = np.asarray(sel.ids)
+        ids = to_host(sel.ids)  # also when the ids span processes (SW-TP-4)
         bad = ids[(ids < NO_ADAPTER) | (ids >= len(sel.stacked.names))]
         if bad.size:
             raise ConfigError(

@@ -12,11 +12,17 @@ axis (default `"model"`) for tensor parallelism:
   group holds `S / n` slots; XLA inserts the collectives the routing kernel needs);
 - with a model axis, each linear layer is split the Megatron way (`Split`): a `"column"` layer
   has its kernel split by output features, a `"row"` layer by input features. Its LoRA factors
-  follow so that LoRA adds no collective of its own: for a column layer `A` is replicated and
-  `B` split by output (`x @ A` is computed on every device, `(x @ A) @ B` gives each device its
-  own output features); for a row layer `A` is split by input and `B` replicated (each device's
-  `x @ A` is a partial sum over its input features, like the base `x @ W`, and XLA reduces the
-  two partial sums in the one all-reduce of the layer's output).
+  follow in one of two layouts (`LoraLayout`, SW-TP-5):
+  `"replicate-factors"` (default) adds no collective of its own: for a column layer `A` is
+  replicated and `B` split by output (`x @ A` is computed on every device, `(x @ A) @ B` gives
+  each device its own output features); for a row layer `A` is split by input and `B`
+  replicated (each device's `x @ A` is a partial sum over its input features, like the base
+  `x @ W`, and XLA reduces the two partial sums in the one all-reduce of the layer's output).
+  A device holds about `(1 + 1/m) / 2` of the bank. `"split-factors"` also splits the
+  replicated factor by rank (column `A [in, r/m]`, row `B [r/m, out]`): a device holds `1/m`
+  of the bank, at the cost of one all-gather of `x @ A` (`[tokens, r]`) per column layer and
+  one all-reduce of the delta (`[tokens, out]`) per row layer; the rank must then be a
+  multiple of `m`.
 
 Then jit the forward with `out_shardings=batch_sharding(mesh, ...)` (or let propagation decide).
 
@@ -35,6 +41,8 @@ Example:
     P('data', None)
     >>> lora_specs("row").a, lora_specs("row").b
     (P('model',), P())
+    >>> lora_specs("row", layout="split-factors").b
+    P('model',)
 """
 
 from __future__ import annotations
@@ -52,8 +60,16 @@ from .types import Active, LoraSelection, LoraWeights, Routed, StackedBank
 
 #: How a stacked bank is placed: on every device, or split over the slot axis.
 BankMode: TypeAlias = Literal["replicated", "slot"]
+#: How a split layer's LoRA factors are placed over the model axis (SW-TP-5):
+#: `"replicate-factors"` (column `A`, row `B` replicated: no collective of LoRA's own) or
+#: `"split-factors"` (those split by rank too: `1/m` of the bank per device, more collectives).
+LoraLayout: TypeAlias = Literal["replicate-factors", "split-factors"]
+LORA_LAYOUTS: tuple[LoraLayout, ...] = ("replicate-factors", "split-factors")
 
 __all__ = [
+    "LORA_LAYOUTS",
+    "BankMode",
+    "LoraLayout",
     "LoraSpecs",
     "Split",
     "adapter_sharding",
@@ -175,26 +191,47 @@ class LoraSpecs(NamedTuple):
 
 
 def lora_specs(
-    split: Split | None, *, stacked: bool = False, slot_axis: str | None = None, axis: str = MODEL
+    split: Split | None,
+    *,
+    stacked: bool = False,
+    slot_axis: str | None = None,
+    axis: str = MODEL,
+    layout: LoraLayout = "replicate-factors",
 ) -> LoraSpecs:
-    """The `PartitionSpec`s of one layer's LoRA factors (SW-TP-1).
+    """The `PartitionSpec`s of one layer's LoRA factors `a [in, r]`, `b [r, out]` (SW-TP-1,
+    SW-TP-5).
 
-    `"column"`: `a` replicated, `b` split by output over `axis`; `"row"`: `a` split by input,
-    `b` replicated; None: both replicated. `stacked` factors (`a [S, in, r]`) get `slot_axis`
-    (None: replicated) on their slot dimension, `scale` too.
+    `"column"`: `b` split by output over `axis`, `a` replicated (`layout="replicate-factors"`)
+    or split by rank (`"split-factors"`); `"row"`: `a` split by input, `b` replicated or split
+    by rank; None: both replicated. `stacked` factors (`a [S, in, r]`) get `slot_axis` (None:
+    replicated) on their slot dimension, `scale` too.
 
     Example:
         >>> lora_specs("column", stacked=True, slot_axis="slot").b
         P('slot', None, 'model')
         >>> lora_specs("column", stacked=True).a
         P()
+        >>> lora_specs("column", stacked=True, layout="split-factors").a
+        P(None, None, 'model')
     """
     if split not in ("column", "row", None):
         raise ConfigError(f"unknown split {split!r}; use 'column', 'row' or None (replicated).")
+    _check_layout(layout)
     lead = (slot_axis,) if stacked else ()
-    a_in = axis if split == "row" else None
-    b_out = axis if split == "column" else None
-    return LoraSpecs(spec(*lead, a_in, None), spec(*lead, None, b_out), spec(*lead))
+    rank = axis if layout == "split-factors" else None
+    if split == "column":
+        return LoraSpecs(spec(*lead, None, rank), spec(*lead, None, axis), spec(*lead))
+    if split == "row":
+        return LoraSpecs(spec(*lead, axis, None), spec(*lead, rank, None), spec(*lead))
+    return LoraSpecs(spec(*lead), spec(*lead), spec(*lead))
+
+
+def _check_layout(layout: Any) -> None:
+    if layout not in LORA_LAYOUTS:
+        raise ConfigError(
+            f"unknown lora_layout {layout!r}; use 'replicate-factors' (no collective of LoRA's "
+            "own) or 'split-factors' (1/model-axis of the bank per device)."
+        )
 
 
 def spec(*axes: str | None) -> PartitionSpec:
@@ -219,6 +256,8 @@ def _layer_sharding(
     stacked: bool,
     slot_axis: str | None,
     axis: str,
+    layout: LoraLayout,
+    who: str,
 ) -> LoraWeights:
     size = model_axis_size(mesh, axis)
     if size == 1:
@@ -231,7 +270,14 @@ def _layer_sharding(
             f"not a multiple of mesh axis {axis!r} of size {size}; use a model axis that "
             f"divides {n}."
         )
-    specs = lora_specs(split, stacked=stacked, slot_axis=slot_axis, axis=axis)
+    if split is not None and layout == "split-factors" and w.rank % size:
+        raise ConfigError(
+            f"{who}, layer {path!r}: rank {w.rank} is not a multiple of mesh axis {axis!r} of "
+            f"size {size}, which lora_layout='split-factors' splits it over; pad the rank with "
+            f"jaxlora.conform(bank, max_rank={-(-w.rank // size) * size}) (zero padding changes "
+            "no output) or use lora_layout='replicate-factors'."
+        )
+    specs = lora_specs(split, stacked=stacked, slot_axis=slot_axis, axis=axis, layout=layout)
     # The same pytree as `w` (a LoraWeights), its leaves shardings (a, b, scale in that order).
     return jax.tree.unflatten(jax.tree.structure(w), [NamedSharding(mesh, x) for x in specs])
 
@@ -242,16 +288,28 @@ def adapter_sharding(
     splits: Mapping[str, Split | None] | None = None,
     *,
     axis: str = MODEL,
+    lora_layout: LoraLayout = "replicate-factors",
+    name: str = "the adapter",
 ) -> dict[str, LoraWeights]:
-    """`path -> LoraWeights` of `NamedSharding`s for one adapter (SW-TP-1).
+    """`path -> LoraWeights` of `NamedSharding`s for one adapter (SW-TP-1, SW-TP-5).
 
     `splits` maps layer paths to their `Split` (`jaxlora.models.tp.layer_splits` for the model
     families); layers it does not name, and every layer on a mesh without `axis`, are replicated.
+    `lora_layout` places the factors as `lora_specs` says; `name` is the adapter errors name.
     """
+    _check_layout(lora_layout)
     splits = splits or {}
     return {
         path: _layer_sharding(
-            w, mesh, path, splits.get(path), stacked=False, slot_axis=None, axis=axis
+            w,
+            mesh,
+            path,
+            splits.get(path),
+            stacked=False,
+            slot_axis=None,
+            axis=axis,
+            layout=lora_layout,
+            who=name,
         )
         for path, w in adapter.items()
     }
@@ -265,16 +323,18 @@ def bank_sharding(
     axis: str = SLOT,
     splits: Mapping[str, Split | None] | None = None,
     model_axis: str = MODEL,
+    lora_layout: LoraLayout = "replicate-factors",
 ):
     """The `NamedSharding` pytree for `stacked` (same structure), for `device_put` or jit.
 
     `mode="replicated"`: every array on every device. `mode="slot"`: dimension 0 (slots) split
     over `axis`; the slot count must be a multiple of the axis size. With `splits` (layer path
     -> `Split`) and a mesh with `model_axis`, each layer's factors are also split over the model
-    axis as `lora_specs` says (SW-TP-1).
+    axis as `lora_specs(..., layout=lora_layout)` says (SW-TP-1, SW-TP-5).
     """
     if mode not in ("replicated", "slot"):
         raise ConfigError(f"unknown bank sharding mode {mode!r}; use 'replicated' or 'slot'.")
+    _check_layout(lora_layout)
     slot_axis = None
     if mode == "slot":
         size = _axis_size(mesh, axis)
@@ -287,9 +347,18 @@ def bank_sharding(
             )
         slot_axis = axis
     splits = splits or {}
+    who = f"the stacked bank of adapters {stacked.names}"
     weights = {
         path: _layer_sharding(
-            w, mesh, path, splits.get(path), stacked=True, slot_axis=slot_axis, axis=model_axis
+            w,
+            mesh,
+            path,
+            splits.get(path),
+            stacked=True,
+            slot_axis=slot_axis,
+            axis=model_axis,
+            layout=lora_layout,
+            who=who,
         )
         for path, w in stacked.weights.items()
     }
@@ -304,10 +373,19 @@ def shard_bank(
     axis: str = SLOT,
     splits: Mapping[str, Split | None] | None = None,
     model_axis: str = MODEL,
+    lora_layout: LoraLayout = "replicate-factors",
 ) -> StackedBank:
     """`stacked` placed on `mesh`, replicated or split over the slot axis (SW-SHARD-2), its
-    layers split over the model axis as `splits` says (SW-TP-1)."""
-    shardings = bank_sharding(stacked, mesh, mode, axis=axis, splits=splits, model_axis=model_axis)
+    layers split over the model axis as `splits` and `lora_layout` say (SW-TP-1, SW-TP-5)."""
+    shardings = bank_sharding(
+        stacked,
+        mesh,
+        mode,
+        axis=axis,
+        splits=splits,
+        model_axis=model_axis,
+        lora_layout=lora_layout,
+    )
     return jax.tree.map(put, stacked, shardings)
 
 
@@ -320,25 +398,45 @@ def shard_selection(
     data_axis: str = DATA,
     slot_axis: str = SLOT,
     model_axis: str = MODEL,
+    lora_layout: LoraLayout = "replicate-factors",
 ) -> Active | Routed | None:
-    """Any `lora=` value placed on `mesh`: adapters split over the model axis as `splits` says
-    (SW-TP-1); a `Routed` bank as `shard_bank(mode=...)` and its ids over the data axis.
+    """Any `lora=` value placed on `mesh`: adapters split over the model axis as `splits` and
+    `lora_layout` say (SW-TP-1, SW-TP-5); a `Routed` bank as `shard_bank(mode=...)` and its ids
+    over the data axis.
 
     Example:
         >>> shard_selection(None, make_mesh(data=1)) is None
         True
     """
+    _check_layout(lora_layout)
     sel = as_selection(lora)
     if sel is None:
         return None
     if isinstance(sel, Routed):
         bank = shard_bank(
-            sel.stacked, mesh, mode, axis=slot_axis, splits=splits, model_axis=model_axis
+            sel.stacked,
+            mesh,
+            mode,
+            axis=slot_axis,
+            splits=splits,
+            model_axis=model_axis,
+            lora_layout=lora_layout,
         )
         return Routed(bank, put(sel.ids, batch_sharding(mesh, 1, axis=data_axis)))
     adapters = tuple(
-        jax.tree.map(put, ad, adapter_sharding(ad, mesh, splits, axis=model_axis))
-        for ad in sel.adapters
+        jax.tree.map(
+            put,
+            ad,
+            adapter_sharding(
+                ad,
+                mesh,
+                splits,
+                axis=model_axis,
+                lora_layout=lora_layout,
+                name=f"active adapter #{i}",
+            ),
+        )
+        for i, ad in enumerate(sel.adapters)
     )
     return Active(adapters, put(sel.gate, NamedSharding(mesh, PartitionSpec())))
 

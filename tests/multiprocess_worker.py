@@ -3,8 +3,9 @@
 Run as `python tests/multiprocess_worker.py PROCESS_ID PORT CHECKPOINT ADAPTERS OUT`: it joins
 the other process through `jax.distributed.initialize` on 127.0.0.1 (CPU collectives over
 gloo), builds global meshes over both processes' devices, loads the checkpoint straight into its
-shards, runs a sharded mixed-adapter forward and a greedy generation and writes what it saw
-(`np.savez`) for the test to compare with the single-process run. Not a test module itself.
+shards, runs a sharded mixed-adapter forward (read back with `jaxlora.sharding.to_host`) and
+`generate` on the sharded model, and writes what it saw (`np.savez`) for the test to compare
+with the single-process run. Not a test module itself.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import jax
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
-#: (data, model) meshes over the 4 global devices: the data axis across the two processes
-#: (each process feeds its own rows), then the model axis across them (its all-reduces cross
-#: processes).
-MESHES = ((2, 2), (1, 4))
+#: (data, model) meshes over the 4 global devices and the LoRA layout (SW-TP-5) on each: the
+#: data axis across the two processes (each process feeds its own rows), then the model axis
+#: across them (its all-reduces and all-gathers cross processes).
+MESHES = ((2, 2, "replicate-factors"), (1, 4, "split-factors"))
 
 
 def main(process_id: int, port: int, checkpoint: str, adapters: str, out: str, case: str) -> None:
@@ -34,7 +35,6 @@ def main(process_id: int, port: int, checkpoint: str, adapters: str, out: str, c
         initialization_timeout=120,
     )
     import numpy as np
-    from jax.experimental import multihost_utils
 
     import jaxlora
     from jaxlora.generate import generate
@@ -50,7 +50,7 @@ def main(process_id: int, port: int, checkpoint: str, adapters: str, out: str, c
         "device_count": jax.device_count(),
         "local_device_count": jax.local_device_count(),
     }
-    for data, model_size in MESHES:
+    for data, model_size, layout in MESHES:
         mesh = make_mesh(data=data, model=model_size)
         tag = f"{data}x{model_size}"
         result[f"{tag}_mesh_processes"] = sorted({d.process_index for d in mesh.devices.flat})
@@ -60,7 +60,8 @@ def main(process_id: int, port: int, checkpoint: str, adapters: str, out: str, c
         result[f"{tag}_q_fully_addressable"] = layer.is_fully_addressable
         bank = jaxlora.io.load_peft(adapters, layer_shapes=model.lora_shapes())
         stacked = jaxlora.stack(jaxlora.conform(bank))
-        lora = shard_lora(stacked.route(rows), model.config, mesh)
+        lora = shard_lora(stacked.route(rows), model.config, mesh, lora_layout=layout)
+        result[f"{tag}_ids_replicated"] = lora.ids.is_fully_replicated
         # Each process gives its own rows: the data axis splits the batch over processes.
         local = slice(None)
         if data == 2:
@@ -69,26 +70,13 @@ def main(process_id: int, port: int, checkpoint: str, adapters: str, out: str, c
         x = shard_batch(tokens[local], mesh)
         m = shard_batch(mask[local], mesh)
         logits = forward(model, x, attention_mask=m, lora=lora)
-        result[f"{tag}_logits"] = multihost_utils.process_allgather(logits, tiled=True)
-        if data == 1:  # rows replicated: `generate` itself runs on the sharded model
-            prompts = [row[msk].tolist() for row, msk in zip(tokens, mask, strict=True)]
-            gen = generate(model, prompts, lora=lora, max_new_tokens=spec["new_tokens"])
-            result[f"{tag}_generated"] = np.asarray(gen.tokens)
-        else:  # rows split over processes: greedy decoding by full sharded forwards
-            seq, seq_mask, new = tokens[local], mask[local], []
-            for _ in range(spec["new_tokens"]):
-                step = forward(
-                    model,
-                    shard_batch(seq, mesh),
-                    attention_mask=shard_batch(seq_mask, mesh),
-                    lora=lora,
-                )
-                nxt = to_host(step[:, -1].argmax(-1)).astype(np.int32)
-                new.append(nxt)
-                mine = nxt[local]
-                seq = np.concatenate([seq, mine[:, None]], axis=1)
-                seq_mask = np.concatenate([seq_mask, np.ones_like(mine[:, None], bool)], axis=1)
-            result[f"{tag}_generated"] = np.stack(new, axis=1)
+        result[f"{tag}_logits_addressable"] = logits.is_fully_addressable
+        result[f"{tag}_logits"] = to_host(logits)  # the whole value, gathered from both
+        # `generate` on the sharded model, the data axis across the processes for 2x2 (the
+        # routed ids span both: read back with `to_host`); every process gives every prompt.
+        prompts = [row[msk].tolist() for row, msk in zip(tokens, mask, strict=True)]
+        gen = generate(model, prompts, lora=lora, max_new_tokens=spec["new_tokens"])
+        result[f"{tag}_generated"] = np.asarray(gen.tokens)
     np.savez(out, **{k: np.asarray(v) for k, v in result.items()})
     jax.distributed.shutdown()
 

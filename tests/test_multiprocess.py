@@ -40,7 +40,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_workers(checkpoint: Path, adapters: Path, out: Path) -> list[dict]:
+def _start_workers(checkpoint: Path, adapters: Path, out: Path) -> list[subprocess.Popen]:
     case = json.dumps({"tokens": TOKENS, "mask": MASK, "rows": ROWS, "new_tokens": NEW_TOKENS})
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
@@ -59,7 +59,12 @@ def _run_workers(checkpoint: Path, adapters: Path, out: Path) -> list[dict]:
                     stderr=subprocess.STDOUT,
                 )
             )
-    deadline = time.monotonic() + TIMEOUT_S
+    return procs
+
+
+def _wait_workers(procs: list[subprocess.Popen], out: Path, started: float) -> list[dict]:
+    logs = [out / f"process{i}.log" for i in range(2)]
+    deadline = started + TIMEOUT_S
     try:
         # A process that fails leaves the other waiting for it: stop both at the first failure.
         while any(p.poll() is None for p in procs):
@@ -81,14 +86,14 @@ def _run_workers(checkpoint: Path, adapters: Path, out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def peers(tmp_path_factory):
-    """A Qwen3 checkpoint (q/k norms, GQA) with two PEFT adapters, on disk."""
+    """A one-layer Qwen3 checkpoint (q/k norms, GQA) with two PEFT adapters, on disk."""
     root = tmp_path_factory.mktemp("multiprocess")
     torch.manual_seed(0)
     config = transformers.Qwen3Config(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=1,  # one layer: what is checked is the same, half the compile time
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
@@ -118,22 +123,30 @@ def peers(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.clause("SW-TP-4")
+@pytest.mark.clause("SW-TP-4", "SW-TP-5")
 def test_two_processes_equal_one(peers, tmp_path):
     """SW-TP-4: two processes on 127.0.0.1 (jax.distributed, gloo) build global meshes over
     both processes' devices, load the checkpoint into shards no process holds whole, and give
-    the single-process mixed-adapter logits and greedy tokens, with the data axis and with the
-    model axis across the processes; both processes agree."""
-    results = _run_workers(peers / "model", peers / "adapters", tmp_path)
-
-    model = load_llama(peers / "model")
-    bank = jaxlora.io.load_peft(peers / "adapters", layer_shapes=model.lora_shapes())
-    assert set(bank.names) == {"ffn", "attn"}
-    lora = jaxlora.stack(jaxlora.conform(bank)).route(ROWS)
-    tokens, mask = np.asarray(TOKENS, np.int32), np.asarray(MASK, bool)
-    want = np.asarray(forward(model, tokens, attention_mask=mask, lora=lora))
-    prompts = [row[m].tolist() for row, m in zip(tokens, mask, strict=True)]
-    want_tokens = generate(model, prompts, lora=lora, max_new_tokens=NEW_TOKENS).tokens
+    the single-process mixed-adapter logits (read back with to_host) and `generate`'s greedy
+    tokens, with the data axis across the processes (the routed ids span both) and with the
+    model axis across them (lora_layout="split-factors", SW-TP-5); both processes agree."""
+    started = time.monotonic()
+    procs = _start_workers(peers / "model", peers / "adapters", tmp_path)
+    try:  # the single-process run while the two processes start and compile
+        model = load_llama(peers / "model")
+        bank = jaxlora.io.load_peft(peers / "adapters", layer_shapes=model.lora_shapes())
+        assert set(bank.names) == {"ffn", "attn"}
+        lora = jaxlora.stack(jaxlora.conform(bank)).route(ROWS)
+        tokens, mask = np.asarray(TOKENS, np.int32), np.asarray(MASK, bool)
+        want = np.asarray(forward(model, tokens, attention_mask=mask, lora=lora))
+        prompts = [row[m].tolist() for row, m in zip(tokens, mask, strict=True)]
+        want_tokens = generate(model, prompts, lora=lora, max_new_tokens=NEW_TOKENS).tokens
+    except BaseException:
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise
+    results = _wait_workers(procs, tmp_path, started)
 
     for r in results:
         assert (int(r["process_count"]), int(r["device_count"])) == (2, 4)
@@ -142,6 +155,9 @@ def test_two_processes_equal_one(peers, tmp_path):
             assert r[f"{tag}_mesh_processes"].tolist() == [0, 1], "the mesh is not global"
             assert not bool(r[f"{tag}_q_fully_addressable"])
             assert int(r[f"{tag}_q_shards"]) == 2
+            assert not bool(r[f"{tag}_logits_addressable"])  # to_host gathered it
+            # split over both processes where the data axis is (generate reads them back)
+            assert bool(r[f"{tag}_ids_replicated"]) == (tag == "1x4")
             got = r[f"{tag}_logits"]
             real = mask
             ok, err, bound = reference.allclose(got[real], want[real].astype(np.float64), "float32")

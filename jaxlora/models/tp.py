@@ -17,8 +17,12 @@ and `model` of size `m`:
 - the embedding is split by vocabulary rows (a masked lookup + all-reduce) and `lm_head` by
   vocabulary columns (each device computes its slice of the logits); both are replicated when
   the vocabulary is not a multiple of `m`. Norms are replicated.
-- LoRA factors follow their layer (`jaxlora.sharding.lora_specs`): column layers `A`
-  replicated, `B` split by output; row layers `A` split by input, `B` replicated.
+- LoRA factors follow their layer (`jaxlora.sharding.lora_specs`): column layers `B` split by
+  output, row layers `A` split by input; the other factor (column `A`, row `B`) replicated
+  (`lora_layout="replicate-factors"`, the default: LoRA adds no collective, a device holds
+  `(1 + 1/m) / 2` of the bank) or split by rank (`"split-factors"`: `1/m` of the bank, one
+  all-gather of `x @ A` per column layer and one all-reduce of the delta per row layer;
+  SW-TP-5).
 - the KV cache (`cache_sharding`) is split by rows over `data` and by KV heads over `model`.
 
 Checkpoints load straight into their shards: `load_llama(directory, mesh=mesh)` reads each
@@ -53,6 +57,7 @@ from ..sharding import (
     MODEL,
     SLOT,
     BankMode,
+    LoraLayout,
     Split,
     model_axis_size,
     put,
@@ -227,16 +232,25 @@ def shard_lora(
     mesh: Mesh,
     *,
     mode: BankMode = "replicated",
+    lora_layout: LoraLayout = "replicate-factors",
     splits: Mapping[str, Split | None] | None = None,
     data_axis: str = DATA,
     slot_axis: str = SLOT,
     axis: str = MODEL,
 ) -> Active | Routed | None:
-    """A `lora=` value placed to match the model's layout on `mesh` (SW-TP-1).
+    """A `lora=` value placed to match the model's layout on `mesh` (SW-TP-1, SW-TP-5).
 
     `jaxlora.sharding.shard_selection` with the family's `layer_splits`: adapters follow their
     layers over the model axis; a routed bank is replicated or split over `slot_axis` (`mode`)
-    and its ids over `data_axis`.
+    and its ids over `data_axis`. `lora_layout="replicate-factors"` (default) adds no
+    collective to the forward and holds `(1 + 1/m) / 2` of the factors per device;
+    `"split-factors"` holds `1/m` (ranks must be multiples of the model axis) and adds one
+    all-gather of `x @ A` per adapted column layer and one all-reduce of the delta per adapted
+    row layer (`docs/scaling.md`).
+
+    Example:
+        >>> from jaxlora.sharding import make_mesh
+        >>> shard_lora(None, LlamaConfig(64, 16, 32, 1, 2, 2, 8), make_mesh(data=1, model=1))
     """
     if splits is None:
         splits = layer_splits(config, model_axis_size(mesh, axis))
@@ -248,4 +262,5 @@ def shard_lora(
         data_axis=data_axis,
         slot_axis=slot_axis,
         model_axis=axis,
+        lora_layout=lora_layout,
     )
