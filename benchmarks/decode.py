@@ -61,8 +61,8 @@ def prompt_cache(
 
 
 def _inputs(batch: int, position: int, distinct: int) -> tuple[np.ndarray, np.ndarray]:
-    ints = np.zeros((batch, 6), np.int32)
-    ints[:, 0], ints[:, 1] = 1, position
+    ints = np.full((batch, steps.DECODE_COLUMNS + 1), -1, np.int32)  # one stop token: none
+    ints[:, 0], ints[:, 1], ints[:, 3:7] = 1, position, (0, 0, 0, 2**20)
     ints[:, 2] = -1 if distinct == 0 else np.arange(batch) % distinct
     return ints, np.zeros((batch, 2), np.float32)
 
@@ -73,10 +73,11 @@ def _step_chain(model, cache: KVCache, bank, distinct: int, routing: str):
     held = {"cache": jax.tree_util.tree_map(jnp.copy, cache)}
     ints, floats = _inputs(cache.k[0].shape[0], int(cache.lengths[0]), distinct)
     ints, floats = jnp.asarray(ints), jnp.asarray(floats)
+    control = jnp.asarray([1, 0], jnp.int32)  # one step per call: the step itself is timed
 
     def step() -> Any:
         *out, held["cache"] = decode(
-            state, held["cache"], bank, None, ints, floats, routing=routing
+            state, held["cache"], bank, None, ints, floats, control, routing=routing, block=1
         )
         return out
 

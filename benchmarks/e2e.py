@@ -4,9 +4,10 @@ The same random Llama (a `transformers` checkpoint that jaxlora loads) and the s
 adapters (saved by PEFT, loaded by `jaxlora.io.load_peft`); `batch` prompts of `prompt` random
 tokens, row `i` on adapter `i % adapters`, `new` greedy tokens per row, no stop token. jaxlora
 is `jaxlora.generate(model, prompts, lora=stacked.route(names), config=...)` (the engine: one
-prefill call, then decode steps); PEFT is `peft_model.generate(input_ids, adapter_names=names,
-do_sample=False)`. Both are timed interleaved after one warm-up each (so jaxlora's compilation
-is not timed); the tokens are checked equal first. Target: jaxlora >= 3x PEFT's tokens/s.
+prefill call, then decode calls of up to `--decode-steps` steps each); PEFT is
+`peft_model.generate(input_ids, adapter_names=names, do_sample=False)`. Both are timed
+interleaved after one warm-up each (so jaxlora's compilation is not timed); the tokens are
+checked equal first. Target: jaxlora >= 3x PEFT's tokens/s.
 
 Run: `python -m benchmarks.e2e --json benchmarks/results/e2e.json`.
 """
@@ -45,6 +46,7 @@ def run(
     adapters: int,
     rank: int,
     repeats: int,
+    decode_steps: int = 32,
 ) -> dict[str, Any]:
     """Build both sides, check the tokens, time them; returns the report."""
     import torch
@@ -68,7 +70,12 @@ def run(
     stacked = jaxlora.stack(jaxlora.conform(bank))
     lora = stacked.route(rows)
     config = EngineConfig(
-        rows=batch, max_len=prompt + new, chunks=(prompt,), prefill_tokens=prompt * batch, slots=1
+        rows=batch,
+        max_len=prompt + new,
+        chunks=(prompt,),
+        prefill_tokens=prompt * batch,
+        slots=1,
+        decode_steps=decode_steps,
     )
     prompts = tokens.tolist()
     peft_model.generation_config.eos_token_id = None
@@ -128,8 +135,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ("adapters", 8),
         ("rank", 16),
         ("repeats", 5),
+        ("decode_steps", 32),
     ]:
-        parser.add_argument(f"--{name}", type=int, default=default)
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=default)
     parser.add_argument("--json", default=None, help="also write the report here")
     args = vars(parser.parse_args(argv))
     out = args.pop("json")

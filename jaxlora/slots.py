@@ -44,7 +44,7 @@ from .lora import check_targets, check_weights
 from .numerics import check_finite
 from .types import Adapter, LoraWeights, StackedBank
 
-__all__ = ["replace_slot", "slot_weights"]
+__all__ = ["replace_slot", "slot_weights", "write_slot_weights"]
 
 
 def _write(weights: dict[str, LoraWeights], index, new: dict[str, LoraWeights]):
@@ -55,7 +55,12 @@ def _write(weights: dict[str, LoraWeights], index, new: dict[str, LoraWeights]):
     )
 
 
-_write_donated = jax.jit(_write, donate_argnums=0)
+#: `write_slot_weights(weights, index, row)`: `weights` (a bank's `path -> LoraWeights`, its
+#: buffers donated: consumed) with slot `index` (a traced int32: one executable per bank
+#: layout) holding `row` (one slot's arrays, already padded and cast as `slot_weights` makes
+#: them). The jitted write `replace_slot` uses, without its validation; for callers that
+#: validated once (the engine's host store).
+write_slot_weights = jax.jit(_write, donate_argnums=0)
 _write_copy = jax.jit(_write)
 
 
@@ -132,7 +137,7 @@ def replace_slot(
         )
     check_finite(adapter, name=new_name)  # SW-NUM-3: a NaN slot would reach other rows
     row = slot_weights(stacked, adapter, label=f"adapter {new_name!r}")
-    write = _write_donated if donate else _write_copy
+    write = write_slot_weights if donate else _write_copy
     weights = write(stacked.weights, jnp.asarray(index, jnp.int32), row)
     names = (*stacked.names[:index], new_name, *stacked.names[index + 1 :])
     return StackedBank(weights, names)

@@ -157,7 +157,11 @@ def test_compiles_exactly_the_stated_shapes_and_nothing_more(world):
 def _compiled(engine: Engine, chunk: int):
     args = (engine._state, engine._cache, engine._bank, engine._fixed)
     ints, floats = engine.pool.decode_arrays()
-    decode = engine.steps.decode.lower(*args, ints, floats, routing="auto").compile()
+    control = np.asarray([1, 0], np.int32)
+    block = engine.config.decode_steps
+    decode = engine.steps.decode.lower(
+        *args, ints, floats, control, routing="auto", block=block
+    ).compile()
     p = engine.config.prefill_rows(chunk)
     prefill = engine.steps.prefill.lower(
         *args,
@@ -345,3 +349,57 @@ def test_generate_is_the_engine(world):
     greedy = generate(model, prompts, lora=stacked.route(names), max_new_tokens=5)
     for i, row in enumerate(greedy.rows()):
         assert row == greedy_reference(model, bank, Request(tuple(prompts[i]), 5, names[i]))
+
+
+@pytest.mark.clause("SW-ENGINE-10")
+def test_a_row_left_full_of_nan_serves_the_next_request_exactly(world):
+    """SW-ENGINE-10: requests on an adapter that overflows to NaN fill every row's cache with
+    non-finite values; the requests after them, on the same rows, equal themselves alone."""
+    model, bank = world
+    huge = {p: dataclasses.replace(w, b=w.b * 1e30) for p, w in bank["a1"].items()}
+    engine = store_engine(model, bank)
+    engine.add_adapter("huge", huge)
+    overflowed = engine.generate([Request((3, 1, 4), 6, "huge") for _ in range(CONFIG.rows)])
+    assert all(not np.isfinite(r.logprobs).all() for r in overflowed)
+    assert not all(np.isfinite(np.asarray(v)).all() for v in engine._cache.v)
+    after = [Request((2, 7), 5, "a0"), Request((5,), 6, None), Request((1, 2, 3, 4, 5), 4, "a3")]
+    after.append(Request(tuple(range(20)), 3, "a1"))
+    for request, result in zip(after, engine.generate(after), strict=True):
+        single = alone(model, bank, request)
+        assert (result.tokens, result.logprobs) == (single.tokens, single.logprobs)
+        assert np.isfinite(result.logprobs).all()
+
+
+@pytest.mark.clause("SW-ENGINE-1", "SW-ENGINE-2")
+def test_several_decode_steps_per_call_follow_the_stated_rule(world):
+    """SW-ENGINE-1, SW-ENGINE-2: with decode_steps=4 a lone request gets 1 + 4 tokens in its
+    first iteration; a call stops at a row's end while requests wait, runs one step while a
+    prompt prefills; each request equals itself alone (bitwise) and the greedy reference."""
+    model, bank = world
+    config = dataclasses.replace(CONFIG, rows=2, decode_steps=4)
+    engine = store_engine(model, bank, config)
+    lone = engine.submit(Request((3, 1, 4), 10, "a1"))
+    got = []
+    while not lone.done():
+        engine.step()
+        got.append(len(lone.tokens))
+    assert got == [5, 9, 10]
+    assert lone.result().tokens == greedy_reference(model, bank, lone.request)
+    # rows=2: a 2-token and a 9-token request decode; a third waits for a row
+    handles = [
+        engine.submit(Request((1, 2), 2, "a0")),
+        engine.submit(Request((4, 4), 9, None)),
+        engine.submit(Request(tuple(range(20)), 3, "a2")),  # 2 chunks: (16, 4)
+    ]
+    engine.step()  # prefill of both, then a call that ends with the short one (1 step)
+    assert handles[0].done() and len(handles[1].tokens) == 2
+    engine.step()  # the third is admitted, prefills chunk 1 of 2: one step for the others
+    assert len(handles[1].tokens) == 3 and handles[2].tokens == []
+    engine.step()  # its last chunk, its first token; then up to 4 steps (nothing waits)
+    assert len(handles[1].tokens) == 7 and handles[2].done()
+    engine.run_until_done()
+    assert engine.compile_counts()["decode"] == 1
+    for h in [lone, *handles]:
+        single = alone(model, bank, h.request, config)  # alone: other call lengths
+        assert (h.result().tokens, h.result().logprobs) == (single.tokens, single.logprobs)
+        assert h.result().tokens == greedy_reference(model, bank, h.request)

@@ -1,13 +1,15 @@
 """Every request through the engine equals its single-request generation, bitwise (SW-ENGINE-2).
 
-Hypothesis draws arrival iterations, prompt and generation lengths, adapters (5 adapters
-through 2 device slots: resident or swapped in) and sampling settings (greedy and seeded
-top-k / top-p sampling); the engine serves them together, and each result must equal the
-same request run alone by a fresh engine of the same configuration, tokens and log-probs, and,
-for greedy requests, the tokens of the full-forward reference.
+Hypothesis draws the decode steps per call (1 or 4), arrival iterations, prompt and generation
+lengths, adapters (5 adapters through 2 device slots: resident or swapped in) and sampling
+settings (greedy and seeded top-k / top-p sampling); the engine serves them together, and
+each result must equal the same request run alone by a fresh engine of the same configuration,
+tokens and log-probs, and, for greedy requests, the tokens of the full-forward reference.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 from engine_fixtures import (
@@ -56,16 +58,18 @@ def workload(draw):
     return out
 
 
-@pytest.mark.clause("SW-ENGINE-2", "SW-ENGINE-4", "SW-ENGINE-7")
+@pytest.mark.clause("SW-ENGINE-1", "SW-ENGINE-2", "SW-ENGINE-4", "SW-ENGINE-7")
 @settings(max_examples=10)
-@given(workload())
-def test_every_request_equals_its_single_request_generation(arrivals):
-    """SW-ENGINE-2, SW-ENGINE-4, SW-ENGINE-7: arrivals, lengths, adapters (resident or not)
-    and sampling drawn; every result equals the request alone, bitwise."""
-    engine = store_engine(MODEL, BANK)
+@given(workload(), st.sampled_from([1, 4]))
+def test_every_request_equals_its_single_request_generation(arrivals, decode_steps):
+    """SW-ENGINE-1, SW-ENGINE-2, SW-ENGINE-4, SW-ENGINE-7: decode steps per call, arrivals,
+    lengths, adapters (resident or not) and sampling drawn; every result equals the request
+    alone, bitwise."""
+    config = dataclasses.replace(CONFIG, decode_steps=decode_steps)
+    engine = store_engine(MODEL, BANK, config)
     handles = run_schedule(engine, arrivals)
     for (_, request), handle in zip(arrivals, handles, strict=True):
-        result, single = handle.result(), alone(MODEL, BANK, request)
+        result, single = handle.result(), alone(MODEL, BANK, request, config)
         assert (result.tokens, result.logprobs) == (single.tokens, single.logprobs), request
         assert result.finish_reason == single.finish_reason
         if request.sampling.temperature == 0:

@@ -141,17 +141,7 @@ def test_a_non_finite_row_gets_a_clear_error_and_its_batch_mates_are_served(
             assert got == reference(prompt, model, world.adapters[model], 6).tokens
 
 
-_STALE_NAN = pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a KV-cache row freed by a NaN request keeps NaN values, and attention "
-    "computes probs @ values with probability 0 on them (0 * NaN = NaN), so the next request "
-    "on that row gets NaN logits; fix in jaxlora/models/attention.py (mask `values`) or zero "
-    "the row when the engine frees it. Remove this marker then.",
-)
-
-
 @pytest.mark.clause("SW-ROBUST-1")
-@_STALE_NAN
 def test_a_non_finite_row_leaves_nothing_behind(nan_served, world, reference):
     """SW-ROBUST-1: after NaN requests, every row of the engine serves exact tokens again."""
     server, service = nan_served
@@ -181,7 +171,6 @@ def test_a_non_finite_row_leaves_nothing_behind(nan_served, world, reference):
 
 
 @pytest.mark.clause("SW-ROBUST-2")
-@_STALE_NAN
 def test_a_fallback_chain_skips_missing_and_non_finite_adapters(nan_served, world, reference):
     """SW-ROBUST-2: the chain `huge, missing, beta` is answered by beta (tokens exact); the
     choice records the failed and the skipped attempts."""

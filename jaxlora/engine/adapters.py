@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import AdapterExistsError, AdapterNotFoundError, ConfigError, format_names
 from ..numerics import check_finite
-from ..slots import slot_weights
+from ..slots import slot_weights, write_slot_weights
 from ..types import Adapter, LoraWeights, StackedBank
 
 __all__ = ["AdapterStore", "SlotCache", "SlotStats", "empty_bank", "swap_in", "write_slot"]
@@ -218,9 +218,7 @@ def write_slot(stacked: StackedBank, slot: int, row: Mapping[str, LoraWeights]) 
     executable for every slot), without its per-call validation and padding: the store did
     both once, when the adapter was added. `stacked` is consumed.
     """
-    from ..slots import _write_donated  # the one slot-write implementation
-
-    weights = _write_donated(stacked.weights, np.int32(slot), dict(row))
+    weights = write_slot_weights(stacked.weights, np.int32(slot), dict(row))
     return StackedBank(weights, stacked.names)
 
 

@@ -51,6 +51,9 @@ class EngineConfig:
         routing: the mixed-batch kernel (`jaxlora.routing`; "auto" chooses by shape).
         stop_width: the most stop tokens one request may give.
         max_waiting: the most submitted requests waiting for a row (more: `QueueFullError`).
+        decode_steps: the most decode steps one iteration runs in one device call (`K`,
+            see `steps_for`): more steps per call save the host round trip per token; a
+            request submitted meanwhile waits at most that many steps for admission.
     """
 
     rows: int = 16
@@ -64,6 +67,7 @@ class EngineConfig:
     routing: Routing = "auto"
     stop_width: int = 4
     max_waiting: int = 1024
+    decode_steps: int = 1
 
     def __post_init__(self) -> None:
         chunks = tuple(self.chunks)
@@ -77,6 +81,7 @@ class EngineConfig:
             "rank": self.rank,
             "stop_width": self.stop_width,
             "max_waiting": self.max_waiting,
+            "decode_steps": self.decode_steps,
         }
         bad = {k: v for k, v in ints.items() if not isinstance(v, int) or v < 1}
         if bad:
@@ -121,6 +126,22 @@ class EngineConfig:
             n -= big
         plan.append(next(c for c in self.chunks if c >= n))
         return tuple(plan)
+
+    def steps_for(self, prefilling: bool, waiting: bool, left: int) -> tuple[int, bool]:
+        """`(n, until_end)` of the next decode call (spec SW-ENGINE-1): one step while a
+        prompt is being prefilled; else `min(decode_steps, left)` steps (`left`: the most
+        tokens a decoding row may still generate), ending after the first step in which a
+        row ends when requests wait (`until_end`), so a waiting request never waits for a
+        call to run past a free row.
+
+        Example:
+            >>> cfg = EngineConfig(decode_steps=8)
+            >>> cfg.steps_for(True, False, 20), cfg.steps_for(False, True, 5)
+            ((1, False), (5, True))
+        """
+        if prefilling:
+            return 1, False
+        return max(1, min(self.decode_steps, left)), waiting
 
     def cache_dtype_for(self, model_dtype: Any) -> Any:
         """The KV cache dtype for a model of `model_dtype`."""

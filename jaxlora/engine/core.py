@@ -12,8 +12,9 @@ each run by `Engine.step()` (on the engine's own thread after `start()`, or inli
 3. one prefill call writes the next chunk of up to `prefill_rows(c)` admitted prompts (the
    oldest first, those whose next chunk has the same size `c`); a prompt that ends gets its
    first token;
-4. one decode step gives every decoding row its next token; rows that stop or reach their
-   limit are freed (SW-ENGINE-1).
+4. one decode call gives every decoding row its next token, or its next `n` tokens
+   (`EngineConfig.steps_for`: several steps per call when no prompt is being prefilled);
+   rows that stop or reach their limit are freed (SW-ENGINE-1).
 
 Example:
     >>> from jaxlora.models import Llama, LlamaConfig
@@ -42,6 +43,7 @@ from flax import nnx
 from ..errors import AdapterNotFoundError, ConfigError, format_names
 from ..lora import check_selection
 from ..models.llama import Llama, init_cache
+from ..sharding import to_host
 from ..types import NO_ADAPTER, Active, Adapter, LoraSelection, Routed, StackedBank
 from . import steps
 from .adapters import AdapterStore, SlotCache, empty_bank, swap_in
@@ -117,7 +119,7 @@ class Engine:
         self._cache = init_cache(
             model.config, cfg.rows, cfg.max_len, cfg.cache_dtype_for(model.dtype)
         )
-        self.pool = Pool(cfg.rows)
+        self.pool = Pool(cfg.rows, cfg.stop_width)
         self._detokenize = detokenize
         self._cond = threading.Condition()
         self._inbox: list[Handle] = []
@@ -129,6 +131,7 @@ class Engine:
         self._paused = 0
         self._counts = collections.Counter()
         self._compiles = {"decode": 0, "prefill": 0}
+        self._seconds = {"decode": 0.0, "prefill": 0.0}
         for name, adapter in (adapters or {}).items():
             self.add_adapter(name, adapter)
 
@@ -375,14 +378,22 @@ class Engine:
         assert self._bank is not None and self.store is not None
         self._bank = swap_in(self.slots, self.store, self._bank, key, slot)
 
-    def _run(self, fn, kind: str, *args):
-        before = fn._cache_size()
+    def _run(self, fn, kind: str, *args, **static):
+        before, start = fn._cache_size(), time.perf_counter()
         out = fn(
-            self._state, self._cache, self._bank, self._fixed, *args, routing=self.config.routing
+            self._state,
+            self._cache,
+            self._bank,
+            self._fixed,
+            *args,
+            routing=self.config.routing,
+            **static,
         )
         self._compiles[kind] += fn._cache_size() - before
         *out, self._cache = out
-        return [np.asarray(x) for x in out]
+        out = [to_host(x) for x in out]  # the whole value, also when rows span processes
+        self._seconds[kind] += time.perf_counter() - start
+        return out
 
     def _prefill(self) -> None:
         batch = self.pool.prefill_batch(self.config)
@@ -399,18 +410,31 @@ class Engine:
         live = self.pool.decoding()
         if not live:
             return
+        with self._cond:
+            waiting = bool(self._inbox or self._waiting)
+        left = max(self.pool.left(i) for i in live)
+        n, until_end = self.config.steps_for(self.pool.prefilling(), waiting, left)
         ints, floats = self.pool.decode_arrays()
-        tokens, logprobs = self._run(self.steps.decode, "decode", ints, floats)
-        self._counts["decode_steps"] += 1
-        self._counts["live_row_steps"] += len(live)
-        names = {self.pool.row(j).handle.request.adapter for j in live}
-        adapters = tuple(sorted(names, key=lambda a: (a is not None, a or "")))
-        for i in live:
-            h = self.pool.row(i).handle
-            h.info["steps"] += 1
-            if h.info["steps"] == 1:
-                h.info["live_rows"], h.info["adapters"] = len(live), adapters
-            self._emit(i, int(tokens[i]), float(logprobs[i]))
+        control = np.asarray([n, until_end], np.int32)
+        tokens, logprobs, done = self._run(
+            self.steps.decode, "decode", ints, floats, control, block=self.config.decode_steps
+        )
+        self._counts["decode_calls"] += 1
+        rows = {i: self.pool.row(i) for i in live}
+        for s in range(int(done)):
+            rows = {i: r for i, r in rows.items() if self.pool.get(i) is r}
+            if not rows:
+                break
+            self._counts["decode_steps"] += 1
+            self._counts["live_row_steps"] += len(rows)
+            names = {r.handle.request.adapter for r in rows.values()}
+            adapters = tuple(sorted(names, key=lambda a: (a is not None, a or "")))
+            for i, r in rows.items():
+                h = r.handle
+                h.info["steps"] += 1
+                if h.info["steps"] == 1:
+                    h.info["live_rows"], h.info["adapters"] = len(rows), adapters
+                self._emit(i, int(tokens[s, i]), float(logprobs[s, i]))
 
     def _emit(self, i: int, token: int, logprob: float) -> None:
         row = self.pool.row(i)
@@ -448,6 +472,7 @@ class Engine:
         return {
             "iterations": c["iterations"],
             "decode_steps": c["decode_steps"],
+            "decode_calls": c["decode_calls"],
             "prefill_calls": c["prefill_calls"],
             "tokens": c["tokens"],
             "mean_live_rows": c["live_row_steps"] / max(c["decode_steps"], 1),
@@ -463,6 +488,7 @@ class Engine:
                 "pinned_slots": len(self.slots.pinned()),
             },
             "compiles": self.compile_counts(),
+            "seconds": dict(self._seconds),  # in the calls, results read back (compiles too)
         }
 
     def warmup(self) -> None:

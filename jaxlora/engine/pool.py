@@ -7,7 +7,7 @@ ignored. Used by the engine thread only.
 
 Example:
     >>> from jaxlora.engine.request import Handle, Request
-    >>> pool = Pool(2)
+    >>> pool = Pool(2, stop_width=1)
     >>> i = pool.place(Handle(Request((5, 6, 7), 2)), -1, (4,), 0)
     >>> pool.free(), pool.decoding()
     ([1], [])
@@ -21,6 +21,7 @@ import numpy as np
 
 from .config import EngineConfig
 from .request import Handle
+from .steps import DECODE_COLUMNS
 
 __all__ = ["Pool", "Row"]
 
@@ -39,12 +40,13 @@ class Row:
 
 
 class Pool:
-    """`rows` rows, each free or holding one request."""
+    """`rows` rows, each free or holding one request (of at most `stop_width` stop tokens)."""
 
-    def __init__(self, rows: int):
+    def __init__(self, rows: int, stop_width: int):
         self._rows: list[Row | None] = [None] * rows
-        self.ints = np.zeros((rows, 6), np.int32)
+        self.ints = np.zeros((rows, DECODE_COLUMNS + stop_width), np.int32)
         self.ints[:, 1:3] = -1  # not decoding; base model
+        self.ints[:, DECODE_COLUMNS:] = -1  # no stop tokens
         self.floats = np.zeros((rows, 2), np.float32)
 
     def free(self) -> list[int]:
@@ -64,6 +66,17 @@ class Pool:
         assert row is not None
         return row
 
+    def get(self, i: int) -> Row | None:
+        return self._rows[i]
+
+    def prefilling(self) -> bool:
+        """Whether a row's prompt is not completely written yet."""
+        return any(r is not None and not r.decoding for r in self._rows)
+
+    def left(self, i: int) -> int:
+        """Tokens row `i` may still generate."""
+        return int(self.ints[i, 6])
+
     def clear(self) -> None:
         for i, _ in self.items():
             self.release(i)
@@ -72,9 +85,14 @@ class Pool:
         """Put `handle` into the first free row (its prompt not yet written); returns the row."""
         i = self.free()[0]
         self._rows[i] = Row(handle, slot, plan, order)
-        s = handle.request.sampling
+        request = handle.request
+        s = request.sampling
         seed = np.asarray(s.seed, np.uint32).view(np.int32)
-        self.ints[i] = (0, -1, slot, s.top_k, seed, 0)
+        self.ints[i, :DECODE_COLUMNS] = (0, -1, slot, s.top_k, seed, 0, request.max_new_tokens)
+        self.ints[i, DECODE_COLUMNS:] = -1
+        self.ints[i, DECODE_COLUMNS : DECODE_COLUMNS + len(request.stop_tokens)] = (
+            request.stop_tokens
+        )
         self.floats[i] = (s.temperature, s.top_p)
         handle.info["chunks"] = plan
         handle.info["admitted"] = _now()
@@ -126,6 +144,7 @@ class Pool:
     def next_token(self, i: int, token: int, position: int, step: int) -> None:
         """Row `i` feeds `token` at `position` next step and chooses its token `step`."""
         self.ints[i, 0], self.ints[i, 1], self.ints[i, 5] = token, position, step
+        self.ints[i, 6] = self.row(i).handle.request.max_new_tokens - step
 
     def decode_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         return self.ints.copy(), self.floats.copy()

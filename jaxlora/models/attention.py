@@ -5,8 +5,10 @@ arrays (`[rows, kv_heads, max_len, head_dim]`, one array per layer, never stacke
 batch row feeds at position `p` is written to slot `p` of its cache row (a scatter into the
 donated buffer: XLA updates it in place, no copy of the cache) and attends to slots `0..p` of
 that row. A row's tokens therefore sit contiguously from slot 0: no left padding in the cache,
-no per-slot validity mask, and a finished row is reused by the next request without clearing
-(stale slots beyond the new request's position are never visible). Heads-major is the layout
+no per-slot validity mask. Stale slots beyond a row's position are never visible (their
+scores are masked), but their values still enter `probs @ values` with probability 0, and
+0 * NaN is NaN: the engine clears a row's values when it admits a new request into it
+(`clear_rows`, in its first prefill call; spec SW-ENGINE-10). Heads-major is the layout
 that measured best for the decode read (`benchmarks/decode.py` also times the slot-major
 `[rows, max_len, kv_heads, head_dim]` layout: XLA:CPU then transposes the whole cache into the
 batched dot every step, spec SW-ENGINE-6).
@@ -27,7 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Where", "attend", "cache_bytes", "locate", "write"]
+__all__ = ["Where", "attend", "cache_bytes", "clear_rows", "locate", "write"]
 
 Array = jax.Array
 
@@ -59,11 +61,31 @@ def write(cache: Array, new: Array, where: Where) -> Array:
     """`cache [N, kv_heads, L, D]` with `new [B, T, kv_heads, D]` written at `where` (in place).
 
     Tokens whose slot is `L` (padding) and batch rows whose cache row is `N` are dropped.
+    Without `where.rows` (batch row `b` is cache row `b`) the write is a scatter batched over
+    rows (`vmap`), which XLA knows stays inside each row: on a mesh whose data axis splits the
+    rows it needs no communication.
     """
+    new = new.astype(cache.dtype)
+    if where.rows is None:
+        return jax.vmap(_write_row)(cache, new, where.slots)
     b, t = where.slots.shape
-    rows = jnp.arange(b, dtype=jnp.int32) if where.rows is None else where.rows
-    rows = jnp.broadcast_to(rows[:, None], (b, t))
-    return cache.at[rows, :, where.slots, :].set(new.astype(cache.dtype), mode="drop")
+    rows = jnp.broadcast_to(where.rows[:, None], (b, t))
+    return cache.at[rows, :, where.slots, :].set(new, mode="drop")
+
+
+def _write_row(cache: Array, new: Array, slots: Array) -> Array:
+    """One row: `cache [kv_heads, L, D]` with `new [T, kv_heads, D]` at `slots [T]`."""
+    return cache.at[:, slots, :].set(jnp.swapaxes(new, 0, 1), mode="drop")
+
+
+def clear_rows(cache: Array, rows: Array) -> Array:
+    """`cache [N, ...]` with rows `rows [P]` set to zero (in place; a row `N` is dropped).
+
+    Example:
+        >>> clear_rows(jnp.ones((3, 2)), jnp.asarray([2, 3])).tolist()
+        [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]
+    """
+    return cache.at[rows].set(jnp.zeros((), cache.dtype), mode="drop")
 
 
 def _rows_of(cache: Array, where: Where) -> Array:
