@@ -52,3 +52,26 @@ def write_peft_adapters(base, directory, adapters: dict[str, dict[str, Any]], se
     model.eval()
     model.save_pretrained(directory)
     return model
+
+
+# The shared Llama test case (tests/test_generate.py, tests/test_engine_peft.py): a tiny
+# transformers checkpoint config, three PEFT adapters, prompts of two lengths and their rows.
+CONFIG = dict(
+    vocab_size=80,
+    hidden_size=24,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=3,
+    num_key_value_heads=1,
+    initializer_range=0.2,
+    eos_token_id=2,
+    pad_token_id=0,
+    bos_token_id=1,
+)
+ADAPTERS = {
+    "default": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "wide": {"r": 8, "lora_alpha": 4, "use_rslora": True, "target_modules": "all-linear"},
+    "ffn": {"r": 2, "lora_alpha": 6, "target_modules": ["gate_proj", "down_proj"]},
+}
+PROMPTS = [[1, 17, 42, 9], [1, 5], [1, 70, 3, 61], [1, 33], [1, 12, 8, 40]]
+ROWS = ["wide", None, "default", "ffn", "wide"]

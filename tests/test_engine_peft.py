@@ -1,6 +1,6 @@
 """The engine as a server runs it (host store, LRU slots, continuous batching) against PEFT.
 
-The shared Llama test case of `tests/test_generate.py` (same checkpoint config, adapters,
+The shared Llama test case of `tests/hf_fixtures.py` (same checkpoint config, adapters,
 prompts and rows): every request's greedy tokens equal `transformers` + PEFT `generate(
 adapter_names=...)` with the same stop token, with 2 rows for 5 requests (rows are refilled) and
 2 device slots for 3 adapters (swap-ins while others decode).
@@ -14,31 +14,18 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from hf_fixtures import write_llama_checkpoint, write_peft_adapters  # noqa: E402
+from hf_fixtures import (  # noqa: E402
+    ADAPTERS,
+    CONFIG,
+    PROMPTS,
+    ROWS,
+    write_llama_checkpoint,
+    write_peft_adapters,
+)
 
 import jaxlora  # noqa: E402
 from jaxlora.engine import Engine, EngineConfig, Request  # noqa: E402
 from jaxlora.models import load_llama  # noqa: E402
-
-CONFIG = dict(
-    vocab_size=80,
-    hidden_size=24,
-    intermediate_size=40,
-    num_hidden_layers=2,
-    num_attention_heads=3,
-    num_key_value_heads=1,
-    initializer_range=0.2,
-    eos_token_id=2,
-    pad_token_id=0,
-    bos_token_id=1,
-)
-ADAPTERS = {
-    "default": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-    "wide": {"r": 8, "lora_alpha": 4, "use_rslora": True, "target_modules": "all-linear"},
-    "ffn": {"r": 2, "lora_alpha": 6, "target_modules": ["gate_proj", "down_proj"]},
-}
-PROMPTS = [[1, 17, 42, 9], [1, 5], [1, 70, 3, 61], [1, 33], [1, 12, 8, 40]]
-ROWS = ["wide", None, "default", "ffn", "wide"]
 
 
 @pytest.mark.clause("SW-ENGINE-2", "SW-GEN-2")

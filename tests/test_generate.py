@@ -10,7 +10,14 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from hf_fixtures import write_llama_checkpoint, write_peft_adapters  # noqa: E402
+from hf_fixtures import (  # noqa: E402
+    ADAPTERS,
+    CONFIG,
+    PROMPTS,
+    ROWS,
+    write_llama_checkpoint,
+    write_peft_adapters,
+)
 
 import jaxlora  # noqa: E402
 from jaxlora.engine.steps import for_model  # noqa: E402
@@ -18,26 +25,6 @@ from jaxlora.errors import AdapterNotFoundError, ConfigError, ShapeMismatchError
 from jaxlora.generate import compile_counts, generate  # noqa: E402
 from jaxlora.models import forward, load_llama  # noqa: E402
 
-CONFIG = dict(
-    vocab_size=80,
-    hidden_size=24,
-    intermediate_size=40,
-    num_hidden_layers=2,
-    num_attention_heads=3,
-    num_key_value_heads=1,
-    initializer_range=0.2,
-    eos_token_id=2,
-    pad_token_id=0,
-    bos_token_id=1,
-)
-ADAPTERS = {
-    "default": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-    "wide": {"r": 8, "lora_alpha": 4, "use_rslora": True, "target_modules": "all-linear"},
-    "ffn": {"r": 2, "lora_alpha": 6, "target_modules": ["gate_proj", "down_proj"]},
-}
-# Two prompt lengths only: fewer shapes to compile for the single-row references.
-PROMPTS = [[1, 17, 42, 9], [1, 5], [1, 70, 3, 61], [1, 33], [1, 12, 8, 40]]
-ROWS = ["wide", None, "default", "ffn", "wide"]
 PAD = 0
 
 

@@ -45,7 +45,7 @@ from .errors import (
 )
 from .generation import Attempt, Choice, run_chain
 from .limits import Fields
-from .openai_params import Limits
+from .openai_params import Limits, check_token_ids
 from .registry import BASE
 from .text import Text
 
@@ -63,24 +63,11 @@ class GenerateJob:
     timeout_s: float | None
 
 
-def _ids(f: Fields, key: str, vocab: int, *, empty: bool = False) -> tuple[int, ...]:
-    value = f.raw(key, [] if empty else None)
-    ok = isinstance(value, list) and (bool(value) or empty)
-    if not ok or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        raise BadRequestError(f"`{key}` must be a non-empty list of token ids (ints).", param=key)
-    bad = [t for t in value if not 0 <= t < vocab]
-    if bad:
-        raise BadRequestError(
-            f"`{key}` holds token ids outside [0, {vocab}): {bad[:5]}.", param=key
-        )
-    return tuple(value)
-
-
 def _prompt(f: Fields, limits: Limits, text: Text | None) -> tuple[int, ...]:
     if f.has("tokens") and f.has("text"):
         raise BadRequestError("give `tokens` or `text`, not both.", param="text")
     if not f.has("text"):
-        return _ids(f, "tokens", limits.vocab)
+        return check_token_ids(f.raw("tokens"), limits.vocab, "tokens")
     if text is None:
         raise BadRequestError(
             "this server has no tokenizer: send `tokens` (token ids).", param="text"
@@ -125,7 +112,7 @@ def parse_generate(body: Any, limits: Limits, text: Text | None) -> GenerateJob:
         raise BadRequestError("`top_p` must be in (0, 1], got 0.", param="top_p")
     default_seed = int(uuid.uuid5(uuid.NAMESPACE_OID, request_id)) % SEED_LIMIT
     seed = f.int("seed", default_seed, lo=0, hi=SEED_LIMIT - 1)
-    stop = _ids(f, "stop", limits.vocab, empty=True) if f.has("stop") else ()
+    stop = check_token_ids(f.raw("stop"), limits.vocab, "stop", empty=True) if f.has("stop") else ()
     if len(stop) > limits.stop_width:
         raise BadRequestError(
             f"at most {limits.stop_width} stop tokens, got {len(stop)}.", param="stop"

@@ -34,7 +34,7 @@ from .errors import BadRequestError
 from .limits import Fields
 from .text import Text
 
-__all__ = ["Job", "Limits", "parse_chat", "parse_completion"]
+__all__ = ["Job", "Limits", "check_token_ids", "parse_chat", "parse_completion"]
 
 _ROLES = ("system", "user", "assistant", "developer", "tool")
 _MAX_STOPS = 16
@@ -66,9 +66,13 @@ class Job:
     chat: bool = False
 
 
-def _ids(value: Any, vocab: int, where: str) -> tuple[int, ...]:
-    if not value or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        raise BadRequestError(f"`{where}` must be a non-empty list of token ids.", param=where)
+def check_token_ids(value: Any, vocab: int, where: str, *, empty: bool = False) -> tuple[int, ...]:
+    """`value` as token ids in `[0, vocab)`, or a 400 naming the field `where` (an empty list
+    only when `empty`): the one token-id check of every route."""
+    ok = isinstance(value, list) and (bool(value) or empty)
+    if not ok or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        what = "a list" if empty else "a non-empty list"
+        raise BadRequestError(f"`{where}` must be {what} of token ids (ints).", param=where)
     bad = [t for t in value if not 0 <= t < vocab]
     if bad:
         raise BadRequestError(
@@ -92,8 +96,8 @@ def _prompts(value: Any, limits: Limits, text: Text | None) -> list[tuple[int, .
             raise BadRequestError("`prompt` must not be empty.", param="prompt")
         return prompts
     if isinstance(value, list) and value and all(isinstance(p, list) for p in value):
-        return [_ids(p, limits.vocab, "prompt") for p in value]
-    return [_ids(value, limits.vocab, "prompt")]
+        return [check_token_ids(p, limits.vocab, "prompt") for p in value]
+    return [check_token_ids(value, limits.vocab, "prompt")]
 
 
 def _stops(f: Fields) -> tuple[str, ...]:
@@ -136,7 +140,7 @@ def _job(
     sampling = _sampling(f, limits, n)
     stops = _stops(f)
     stop_ids = (
-        _ids(f.raw("stop_token_ids"), limits.vocab, "stop_token_ids")
+        check_token_ids(f.raw("stop_token_ids"), limits.vocab, "stop_token_ids")
         if f.has("stop_token_ids")
         else ()
     )
