@@ -53,9 +53,12 @@ def prompt_cache(
     """A cache holding `prompt_len` random tokens per row, room up to `max_len` slots."""
     cfg = model.config
     shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-    keys = jax.random.split(jax.random.key(seed), 2 * cfg.num_hidden_layers)
+    rng = np.random.default_rng(seed)  # NumPy: no compilation per cache shape
     dtype = model.dtype if dtype is None else dtype
-    arrays = [jax.random.normal(k, shape, dtype) for k in keys]
+    arrays = [
+        jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+        for _ in range(2 * cfg.num_hidden_layers)
+    ]
     n = cfg.num_hidden_layers
     return KVCache(tuple(arrays[:n]), tuple(arrays[n:]), jnp.full((batch,), prompt_len, jnp.int32))
 

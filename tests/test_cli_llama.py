@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 import jaxlora
@@ -335,6 +336,10 @@ def test_llama_demo_needs_no_torch_transformers_or_peft(tmp_path):
     """SW-CLI-1: in a process where torch, transformers and peft cannot be imported, `jaxlora
     demo` writes its checkpoint and adapters on a fresh cache and every row matches."""
     env = os.environ | {"JAXLORA_CACHE": str(tmp_path / "cache")}
+    cache = jax.config.jax_compilation_cache_dir  # the tests' cache (tests/conftest.py)
+    if cache:
+        env |= {"JAX_COMPILATION_CACHE_DIR": cache}
+        env |= {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1"}
     proc = subprocess.run(
         [sys.executable, "-c", NO_TORCH_DEMO],
         capture_output=True,
