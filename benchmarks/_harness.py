@@ -112,6 +112,7 @@ PRESETS: dict[str, BenchConfig] = {
         switch_adapters=4,
         switches=8,
         mixed_counts=(1, 4),
+        methods=("onehot", "auto"),  # two kernels: each one is a compilation per workload
         scale_counts=(1, 2, 8),
         scale_rank=2,
         scale_peft_max=2,

@@ -41,3 +41,32 @@ settings.register_profile("ci", max_examples=20, derandomize=True, **_common)
 settings.register_profile("dev", max_examples=8, **_common)
 settings.register_profile("thorough", max_examples=400, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+#: The test files that take longest (`--durations` of `make test`), run first: with
+#: pytest-xdist a file runs whole on one worker, so a long file started last would keep one
+#: worker busy while the other idles. The rest keep their order; a stale name only costs time.
+SLOW_FIRST = (
+    "test_benchmarks_smoke.py",
+    "test_tp.py",
+    "test_engine.py",
+    "test_engine_hypothesis.py",
+    "test_peft_conformance.py",
+    "test_conformance_drivers.py",
+    "test_cli_llama.py",
+    "test_routing.py",
+    "test_train_cli.py",
+    "test_multiprocess.py",
+    "test_serve_compare.py",
+    "test_train_slots.py",
+    "test_families.py",
+    "test_forward.py",
+    "test_train_files.py",
+    "test_seam.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    """Run `SLOW_FIRST` first, in that order; a stable sort keeps every file's own order."""
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
