@@ -129,7 +129,8 @@ def test_sampling_is_keyed_and_respects_top_k(setup):
 
 @pytest.mark.clause("SW-GEN-5")
 def test_switching_adapters_never_retraces(setup):
-    """SW-GEN-5: new adapter assignments (and prompts of one padded length) reuse one decode."""
+    """SW-GEN-5: new adapter assignments (and prompts of one padded length, and fewer new
+    tokens within the same cache length) reuse one decode."""
     _, model, _, stacked = setup
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8]]
     decode = for_model(nnx.split(model)[0]).decode  # the engine's step for this model
@@ -137,6 +138,8 @@ def test_switching_adapters_never_retraces(setup):
     for rows in (["wide", "ffn", None], [None, None, "default"], ["ffn", "wide", "wide"]):
         generate(model, prompts, lora=stacked.route(rows), max_new_tokens=7)
     generate(model, [[9, 9, 9], [1], [3, 3]], lora=stacked.route(["default"] * 3), max_new_tokens=7)
+    # fewer new tokens, the same cache length (3 + 5 and 3 + 7 both round up to 32 slots)
+    generate(model, prompts, lora=stacked.route(["ffn", None, "wide"]), max_new_tokens=5)
     after = compile_counts()
     assert after["decode"] - before["decode"] == 1
     assert after["prefill"] - before["prefill"] == 1
