@@ -5,34 +5,40 @@ SW-ROUTE-1). Three kernels compute the same value (SW-ROUTE-2):
 
 - `"gather"`: gathers each row's factors (`a[ids]`: `[B, in, R]`) and contracts per row.
   Memory `B * (in + out) * R`; FLOPs `B * T * (in + out) * R` (`T` tokens per row).
-- `"onehot"`: two explicit einsums, shrink `x -> [B, ..., S, R]` against every slot, masked by a
-  one-hot of the ids times the scale, then expand; no per-row weights exist at any point.
-  FLOPs `S` times those of gather; best when the slot count is small. For few rows (decode)
-  the shrink runs as one matmul per slot batched over the slots, reading the stacked `a` in
-  its own layout (the plain einsum makes XLA:CPU transpose all of `a` on every call).
+- `"onehot"`: two matmuls, shrink `x -> [B, ..., S * R]` against every slot at once (`a` laid
+  out `[in, S * R]`), masked by a one-hot of the ids times the scale, then expand against `b`
+  as `[S * R, out]`; no per-row weights exist at any point. FLOPs `S` times those of gather;
+  best when the slot count is small.
 - `"ragged"`: sorts rows by id, runs `jax.lax.ragged_dot` for shrink and expand with per-slot
   group sizes, and unsorts. Sentinel rows are sorted last and appended to the last slot's group
   (so no extra slot exists), then masked to an exact zero.
 
-`routing="auto"` picks from static shapes only (SW-ROUTE-3). The rule comes from
-`python -m benchmarks.routing_choice` on the project's shared 2-core CPU (jax 0.10.2, float32,
-in = out = 256, R = 8, median ms of 20 jitted calls; two runs agreed on every winner):
+`routing="auto"` picks from static shapes only (SW-ROUTE-3). The rule comes from two
+measurements on the project's shared 2-core CPU (jax 0.10.2, float32). One jitted call per
+kernel, `python -m benchmarks.routing_choice` (in = out = 256, R = 8, median ms of 20 calls; the
+`onehot` column includes its per-call copy of the bank, see `_finite_slots`):
 
     B x T     S   gather  onehot  ragged
-    8 x 1     4     0.05    0.05    0.08
-    8 x 1    16     0.08    0.08    0.16
-    64 x 1    4     0.31    0.09    0.15
-    64 x 1   16     0.19    0.19    0.50
-    64 x 1   32     0.30    0.43    0.61
-    64 x 1   64     0.15    0.52    1.27
-    8 x 16    4     0.07    0.10    0.21
-    8 x 128   4     0.20    0.52    0.86
-    8 x 128  16     0.20    1.17    4.27
+    8 x 1     4     0.08    0.06    0.15
+    8 x 1     8     0.03    0.09    0.11
+    8 x 1    16     0.09    0.14    0.19
+    64 x 1    4     0.26    0.07    0.18
+    64 x 1    8     0.17    0.12    0.32
+    64 x 1   16     0.18    0.16    0.67
+    64 x 1   32     0.26    0.61    1.49
+    64 x 1   64     0.24    0.86    2.49
+    8 x 16    4     0.08    0.13    0.22
+    8 x 128   4     0.29    0.63    1.08
+    8 x 128  16     0.31    1.68    3.35
 
-so: `onehot` when rows hold one token (`T == 1`, decoding) and `S <= 16` (its `S`-fold extra
-FLOPs cost less than gathering `B` copies of the factors), else `gather`. `ragged` never wins
+and the engine's decode call on the e2e model (hidden 512, 4 layers, rank 16 on all 7
+projections, 32 rows, 31 steps in one call, the bank copy hoisted out of the loop): 8 slots,
+onehot 0.47 s vs gather 0.51 s; 16 slots, onehot 0.61 s vs gather 0.52 s (BENCHMARKS.md,
+Engine). So: `onehot` when rows hold one token (`T == 1`, decoding) and `S <= 8` (its `S`-fold
+extra FLOPs cost less than gathering `B` copies of the factors), else `gather`. Single calls of
+very few rows are dominated by dispatch (the 8-row lines vary run to run). `ragged` never wins
 on CPU (XLA:CPU has no grouped matmul); it is offered for accelerators, where `ragged_dot` is a
-grouped matmul. Re-run the script on the target hardware before relying on the rule there.
+grouped matmul. Re-run both on the target hardware before relying on the rule there.
 
 Example:
     >>> import jax.numpy as jnp, jaxlora
@@ -60,11 +66,7 @@ Array = jax.Array
 ROUTINGS: tuple[Routing, ...] = ("auto", "gather", "onehot", "ragged")
 
 #: `auto` uses `onehot` for single-token rows up to this many slots (see the module docstring).
-ONEHOT_MAX_SLOTS = 16
-
-#: `onehot` runs its shrink batched over the slots when `tokens * slots` is at most this (the
-#: input is broadcast to every slot: `tokens * slots * in` elements).
-SLOT_BATCHED_MAX = 4096
+ONEHOT_MAX_SLOTS = 8
 
 
 def _row_mask(valid: Array, ndim: int) -> Array:
@@ -86,18 +88,14 @@ def _onehot(x: Array, stacked: LoraWeights, ids: Array, dtype) -> Array:
     slots, d_in, rank = stacked.a.shape
     # one_hot of -1 is an all-zero row: the sentinel selects nothing.
     weight = jax.nn.one_hot(ids, slots, dtype=dtype) * stacked.scale.astype(dtype)  # [B, S]
-    a = stacked.a.astype(dtype)
-    if math.prod(x.shape[:-1]) * slots <= SLOT_BATCHED_MAX:
-        # Few rows (decoding): the shrink as one matmul per slot, batched over the slots,
-        # reads each slot's `a [in, R]` in the bank's own layout. The einsum below makes
-        # XLA:CPU transpose the whole stacked `a` into `[in, S * R]` first, on every call
-        # (2-4x the time of the LoRA matmuls of a 32-row decode step).
-        xs = x.astype(dtype).reshape(-1, d_in)
-        xb = jnp.broadcast_to(xs[None], (slots, *xs.shape))
-        h = jax.lax.dot_general(xb, a, (((2,), (1,)), ((0,), (0,))))  # [S, N, R]
-        h = jnp.swapaxes(h, 0, 1).reshape((*x.shape[:-1], slots, rank))
-    else:
-        h = jnp.einsum("b...i,sir->b...sr", x.astype(dtype), a)
+    # Shrink against every slot as ONE matmul with `a` laid out `[in, S * R]` (slot-major
+    # columns). The transpose is fused into the copy `_finite_slots` writes anyway, and inside
+    # a multi-step decode loop XLA hoists both out of the loop (the bank is loop-invariant):
+    # 440 vs 510 ms for 31 steps of 32 rows x 8 slots against the slot-batched form it
+    # replaced (BENCHMARKS.md, Engine).
+    flat_a = jnp.transpose(stacked.a.astype(dtype), (1, 0, 2)).reshape(d_in, slots * rank)
+    h = x.astype(dtype) @ flat_a  # [B, ..., S * R]
+    h = h.reshape((*h.shape[:-1], slots, rank))
     h = h * weight.reshape(weight.shape[:1] + (1,) * (h.ndim - 3) + weight.shape[1:] + (1,))
     flat = h.reshape((*h.shape[:-2], slots * rank))  # expand: one matmul over (slot, rank)
     return flat @ stacked.b.astype(dtype).reshape(slots * rank, -1)

@@ -175,3 +175,36 @@ def test_interleaved_timing_runs_each_variant_repeats_times():
     timings = time_interleaved({"a": make("a"), "b": make("b")}, warmup=2, repeats=3)
     assert calls == {"a": 5, "b": 5}
     assert all(len(t.samples_s) == 3 for t in timings.values())
+
+
+@pytest.mark.clause("SW-BENCH-2")
+@pytest.mark.skipif(not HAS_PEFT, reason="needs peft")
+def test_e2e_checks_tokens_against_peft_and_times_the_base_ceiling():
+    """SW-BENCH-2: the end-to-end benchmark checks jaxlora's tokens equal PEFT's before timing,
+    and times the base-model ceiling in the same run (its ratio is what free adapters give)."""
+    from benchmarks import e2e
+
+    report = e2e.run(
+        hidden=32,
+        intermediate=64,
+        layers=1,
+        heads=2,
+        vocab=64,
+        batch=4,
+        prompt=4,
+        new=3,
+        adapters=2,
+        rank=2,
+        repeats=1,
+        decode_steps=2,
+    )
+    assert report["checks"]["rows_equal_peft"] == {"value": 4, "of": 4, "ok": True}
+    medians = {r["variant"]: r["median_s"] for r in report["results"]}
+    assert set(medians) == {"jaxlora", "peft", "jaxlora-base"}
+    ratios = report["ratios"]
+    assert ratios["ceiling_base_vs_peft_tokens_per_s"] == pytest.approx(
+        medians["peft"] / medians["jaxlora-base"]
+    )
+    assert ratios["lora_share_of_jaxlora_time"] == pytest.approx(
+        (medians["jaxlora"] - medians["jaxlora-base"]) / medians["jaxlora"]
+    )

@@ -100,7 +100,7 @@ def test_sentinel_needs_no_slot_and_bf16_inputs_promote():
 
 @pytest.mark.clause("SW-ROUTE-3")
 def test_auto_rule_follows_static_shapes_and_never_retraces_on_ids():
-    """SW-ROUTE-3: auto picks onehot for one-token rows with S <= 16, gather otherwise, and the
+    """SW-ROUTE-3: auto picks onehot for one-token rows with S <= 8, gather otherwise, and the
     jitted auto forward is traced once whatever the ids."""
     few, many = stacked_weights(0, 4, 2), stacked_weights(1, ONEHOT_MAX_SLOTS + 1, 2)
     assert choose_routing((8, D_IN), few) == "onehot"

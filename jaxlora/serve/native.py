@@ -45,7 +45,7 @@ from .errors import (
 )
 from .generation import Attempt, Choice, run_chain
 from .limits import Fields
-from .openai_params import Limits, check_token_ids
+from .openai_params import Limits, check_stop_width, check_token_ids, top_p_field
 from .registry import BASE
 from .text import Text
 
@@ -107,16 +107,11 @@ def parse_generate(body: Any, limits: Limits, text: Text | None) -> GenerateJob:
     max_new = min(limits.default_max_tokens, room) if asked is None else asked
     temperature = f.number("temperature", 0.0, lo=0.0)
     top_k = f.int("top_k", 0, lo=0, hi=limits.vocab)
-    top_p = f.number("top_p", 1.0, lo=0.0, hi=1.0)
-    if top_p == 0:
-        raise BadRequestError("`top_p` must be in (0, 1], got 0.", param="top_p")
+    top_p = top_p_field(f)
     default_seed = int(uuid.uuid5(uuid.NAMESPACE_OID, request_id)) % SEED_LIMIT
     seed = f.int("seed", default_seed, lo=0, hi=SEED_LIMIT - 1)
     stop = check_token_ids(f.raw("stop"), limits.vocab, "stop", empty=True) if f.has("stop") else ()
-    if len(stop) > limits.stop_width:
-        raise BadRequestError(
-            f"at most {limits.stop_width} stop tokens, got {len(stop)}.", param="stop"
-        )
+    check_stop_width(stop, limits, "stop")
     timeout = f.number("timeout", None, lo=0.0)
     if timeout is not None and timeout <= 0:
         raise BadRequestError("`timeout` must be a number of seconds > 0.", param="timeout")

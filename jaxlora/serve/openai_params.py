@@ -34,7 +34,15 @@ from .errors import BadRequestError
 from .limits import Fields
 from .text import Text
 
-__all__ = ["Job", "Limits", "check_token_ids", "parse_chat", "parse_completion"]
+__all__ = [
+    "Job",
+    "Limits",
+    "check_stop_width",
+    "check_token_ids",
+    "parse_chat",
+    "parse_completion",
+    "top_p_field",
+]
 
 _ROLES = ("system", "user", "assistant", "developer", "tool")
 _MAX_STOPS = 16
@@ -81,6 +89,23 @@ def check_token_ids(value: Any, vocab: int, where: str, *, empty: bool = False) 
     return tuple(value)
 
 
+def top_p_field(f: Fields) -> float:
+    """`top_p` in (0, 1] (default 1.0), or a 400 naming it: the one check of every route."""
+    top_p = f.number("top_p", 1.0, lo=0.0, hi=1.0)
+    if top_p == 0:
+        raise BadRequestError("`top_p` must be in (0, 1], got 0.", param="top_p")
+    return top_p
+
+
+def check_stop_width(ids: tuple[int, ...], limits: Limits, where: str, note: str = "") -> None:
+    """A 400 naming `where` when a request has more stop token ids than the engine's
+    `stop_width` (one check for every route)."""
+    if len(ids) > limits.stop_width:
+        raise BadRequestError(
+            f"at most {limits.stop_width} stop token ids{note}, got {len(ids)}.", param=where
+        )
+
+
 def _prompts(value: Any, limits: Limits, text: Text | None) -> list[tuple[int, ...]]:
     """`prompt` as OpenAI allows it: a string, strings, token ids, lists of token ids."""
     if isinstance(value, str) or (
@@ -114,9 +139,7 @@ def _stops(f: Fields) -> tuple[str, ...]:
 
 def _sampling(f: Fields, limits: Limits, n: int) -> list[SamplingParams]:
     temperature = f.number("temperature", 1.0, lo=0.0)
-    top_p = f.number("top_p", 1.0, lo=0.0, hi=1.0)
-    if top_p == 0:
-        raise BadRequestError("`top_p` must be in (0, 1], got 0.", param="top_p")
+    top_p = top_p_field(f)
     top_k = f.int("top_k", 0, lo=-1, hi=limits.vocab)
     seed = f.int("seed", None, lo=-(2**63), hi=2**64 - 1)
     base = secrets.randbelow(SEED_LIMIT) if seed is None else seed % SEED_LIMIT
@@ -146,12 +169,7 @@ def _job(
     )
     if not f.bool("ignore_eos", False) and text is not None:
         stop_ids += tuple(i for i in text.eos_ids if i not in stop_ids)
-    if len(stop_ids) > limits.stop_width:
-        raise BadRequestError(
-            f"at most {limits.stop_width} stop token ids (the model's EOS included), got "
-            f"{len(stop_ids)}.",
-            param="stop_token_ids",
-        )
+    check_stop_width(stop_ids, limits, "stop_token_ids", " (the model's EOS included)")
     asked = f.int("max_tokens", None, lo=1)
     if chat:  # OpenAI's newer name wins
         asked = f.int("max_completion_tokens", None, lo=1) or asked
