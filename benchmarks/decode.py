@@ -12,6 +12,9 @@ chained on its own cache. Variants, all timed interleaved in one run:
 - `mixed<d>/<method>`: the step with rows on `d` distinct adapters (a bank of `d` slots), per
   routing kernel; its extra time over `step` is compared with reading the `d` adapters' bytes
   at the roofline's bandwidth.
+- `step/<L>/x8`, `mixed<d>/auto/x8`: the same steps, 8 per device call (as `generate()` runs
+  them): per-step time = call time / 8. Inside one call the kernels' per-call work on the bank
+  (the `onehot` finiteness guard and its copy, SW-NUM-3) is hoisted out of the step loop.
 - `step-bf16`: the step with a bfloat16 cache; `layout/heads-major`, `layout/slot-major`: cache
   update + attention of all layers alone, in the engine's layout and in `[rows, L, heads, d]`.
 
@@ -46,6 +49,9 @@ NAME = "decode"
 
 TARGETS: dict[str, tuple[str, float]] = {"step_vs_roofline_256": ("<=", 1.5)}
 
+#: decode steps per call of the `.../x8` variants (what `generate()` runs per call, up to 32)
+PER_CALL = 8
+
 
 def prompt_cache(
     model, batch: int, prompt_len: int, max_len: int, seed: int, dtype=None
@@ -70,17 +76,27 @@ def _inputs(batch: int, position: int, distinct: int) -> tuple[np.ndarray, np.nd
     return ints, np.zeros((batch, 2), np.float32)
 
 
-def _step_chain(model, cache: KVCache, bank, distinct: int, routing: str):
+def _step_chain(model, cache: KVCache, bank, distinct: int, routing: str, per_call: int = 1):
+    """One timed call = `per_call` decode steps in one device call (1: the step itself, as the
+    server runs it; more: as `generate()` runs them, the per-call work on the bank amortised)."""
     graphdef, state = nnx.split(model)
     decode = steps.for_model(graphdef).decode
     held = {"cache": jax.tree_util.tree_map(jnp.copy, cache)}
     ints, floats = _inputs(cache.k[0].shape[0], int(cache.lengths[0]), distinct)
     ints, floats = jnp.asarray(ints), jnp.asarray(floats)
-    control = jnp.asarray([1, 0], jnp.int32)  # one step per call: the step itself is timed
+    control = jnp.asarray([per_call, 0], jnp.int32)
 
     def step() -> Any:
         *out, held["cache"] = decode(
-            state, held["cache"], bank, None, ints, floats, control, routing=routing, block=1
+            state,
+            held["cache"],
+            bank,
+            None,
+            ints,
+            floats,
+            control,
+            routing=routing,
+            block=per_call,
         )
         return out
 
@@ -188,6 +204,12 @@ def run(setup: Setup) -> dict[str, Any]:
         banks[d] = jaxlora.stack(jaxlora.AdapterBank({f"d{i}": adapters[i] for i in range(d)}))
         for method in cfg.methods:
             chains[f"mixed{d}/{method}"] = _step_chain(model, cache, banks[d], d, method)
+    # The same steps inside one call of PER_CALL steps (what `generate()` runs): per-step times.
+    chains[f"step/{target_len}/x{PER_CALL}"] = _step_chain(model, cache, None, 0, "auto", PER_CALL)
+    for d in counts:
+        chains[f"mixed{d}/auto/x{PER_CALL}"] = _step_chain(
+            model, cache, banks[d], d, "auto", PER_CALL
+        )
     half = prompt_cache(model, cfg.batch, cfg.seq, target_len, cfg.seed, jnp.bfloat16)
     chains["step-bf16"] = _step_chain(model, half, None, 0, "auto")
     chains["layout/heads-major"] = _layout_chain(_layout_heads_major, cache, False)
@@ -221,13 +243,19 @@ def run(setup: Setup) -> dict[str, Any]:
     bandwidth = ratio(kv_per_slot, roof_slope)  # bytes/s the roofline reads the cache at
     adapter_bytes = sum(w.a.nbytes + w.b.nbytes + w.scale.nbytes for w in adapters[0].values())
     rows: list[dict[str, Any]] = []
+    multi = f"/x{PER_CALL}"
     base_s = med[f"step/{target_len}"]
+    base_multi_s = med[f"step/{target_len}{multi}"] / PER_CALL
     for name, t in timings.items():
         row = {"variant": name, "median_ms": t.median_s * 1e3, "min_ms": t.min_s * 1e3}
+        per_step, base = t.median_s, base_s
+        if name.endswith(multi):
+            per_step, base = t.median_s / PER_CALL, base_multi_s
+            row["per_step_ms"] = per_step * 1e3
         if name.startswith("mixed"):
             d = int(name[5:].split("/")[0])
-            row["vs_base"] = ratio(t.median_s, base_s)
-            row["extra_ms"] = (t.median_s - base_s) * 1e3
+            row["vs_base"] = ratio(per_step, base)
+            row["extra_ms"] = (per_step - base) * 1e3
             row["adapter_bound_ms"] = ratio(d * adapter_bytes, bandwidth) * 1e3
         rows.append(row)
     ratios: dict[str, Any] = {
@@ -246,6 +274,11 @@ def run(setup: Setup) -> dict[str, Any]:
             ratios[f"mixed{d}_{method}_extra_vs_bound"] = ratio(
                 extra, ratio(d * adapter_bytes, bandwidth)
             )
+    for d in counts:
+        extra = med[f"mixed{d}/auto{multi}"] / PER_CALL - base_multi_s
+        ratios[f"mixed{d}_auto_x{PER_CALL}_extra_vs_bound"] = ratio(
+            extra, ratio(d * adapter_bytes, bandwidth)
+        )
     return {
         "description": (
             f"one engine decode step, {cfg.batch} rows, cache lengths {lengths} (ratios at "
