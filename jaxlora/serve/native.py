@@ -43,7 +43,7 @@ from .errors import (
     RequestTooLargeError,
     UnsupportedFieldError,
 )
-from .generation import Attempt, Choice, run_chain
+from .generation import Choice
 from .limits import Fields
 from .openai_params import Limits, check_stop_width, check_token_ids, top_p_field
 from .registry import BASE
@@ -168,21 +168,7 @@ async def generate_answer(
     deadline = None if job.timeout_s is None else started + job.timeout_s
     s.metrics.request(chain[0] or BASE, ENDPOINT)
 
-    def finished(attempt: Attempt) -> None:
-        if attempt.result is not None:
-            s.metrics.finished(attempt.adapter, attempt.result, len(attempt.choice.tokens))
-
-    work = run_chain(
-        s.engine,
-        s.text,
-        s.registry,
-        job.choice,
-        chain,
-        confidence=lambda a: s.hooks.confidence(body, a),
-        min_confidence=s.hooks.min_confidence,
-        on_attempt=finished,
-        deadline=deadline,
-    )
+    work = s.run_choice(job.choice, chain, body, deadline)
     done, result = await race(work, disconnected(), job.timeout_s)
     if not done:
         return None

@@ -95,6 +95,28 @@ class OpenAIService:
         )
         self.created = int(time.time())
 
+    def finished(self, attempt: Attempt) -> None:
+        """Count an attempt in the metrics once it has a result."""
+        if attempt.result is not None:
+            self.metrics.finished(attempt.adapter, attempt.result, len(attempt.choice.tokens))
+
+    async def run_choice(
+        self, choice, chain: tuple[str | None, ...], body: Any, deadline: float | None
+    ) -> tuple[Attempt, list[dict]]:
+        """`choice` down `chain` (`run_chain`: fallbacks, the confidence hook on the request
+        `body`), every attempt counted in the metrics: the one wiring of every route."""
+        return await run_chain(
+            self.engine,
+            self.text,
+            self.registry,
+            choice,
+            chain,
+            confidence=lambda a: self.hooks.confidence(body, a),
+            min_confidence=self.hooks.min_confidence,
+            on_attempt=self.finished,
+            deadline=deadline,
+        )
+
     def chain(self, model: str, request_id: str) -> tuple[str | None, ...]:
         """The adapters `model` names, in fallback order (None: the base model)."""
         if model in (self.model_name, BASE):
@@ -193,26 +215,10 @@ class Run:
         timeout = service.limits.timeout_s
         self.deadline = None if timeout is None else time.monotonic() + timeout
 
-    def _finished(self, attempt: Attempt) -> None:
-        if attempt.result is not None:
-            self.service.metrics.finished(
-                attempt.adapter, attempt.result, len(attempt.choice.tokens)
-            )
-
     async def one(self, choice) -> tuple[Attempt, list[dict]]:
-        s = self.service
-        s.metrics.request(self.chain[0] or BASE, self.endpoint)
-        body = {"model": self.job.model}
-        return await run_chain(
-            s.engine,
-            s.text,
-            s.registry,
-            choice,
-            self.chain,
-            confidence=lambda a: s.hooks.confidence(body, a),
-            min_confidence=s.hooks.min_confidence,
-            on_attempt=self._finished,
-            deadline=self.deadline,
+        self.service.metrics.request(self.chain[0] or BASE, self.endpoint)
+        return await self.service.run_choice(
+            choice, self.chain, {"model": self.job.model}, self.deadline
         )
 
     def start(self) -> None:
@@ -238,7 +244,7 @@ class Run:
         for attempt in self.live:
             if attempt.handle is not None and not attempt.handle.done():
                 s.engine.cancel(attempt.handle)
-            self._finished(attempt)
+            s.finished(attempt)
             if attempt.info is not None:
                 s.registry.release(attempt.info)
         self.live = []
