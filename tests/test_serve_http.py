@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import logging
@@ -200,6 +201,29 @@ def test_concurrent_clients_on_mixed_adapters_equal_offline_generation(
         np.testing.assert_allclose(reply["logprobs"], expected, rtol=1e-4, atol=1e-4)
     assert engine.compile_counts() == compiles
     assert sum(compiles.values()) <= len(CONFIG.chunks) + 1
+
+
+@pytest.mark.clause("SW-ENGINE-1", "SW-ENGINE-2", "SW-SERVE-1")
+def test_a_server_on_several_decode_steps_per_call_answers_the_same_tokens(world, reference):
+    """SW-ENGINE-1, SW-ENGINE-2, SW-SERVE-1: with `--decode-steps 4` (4 decode steps per
+    device call) concurrent mixed-adapter requests get the tokens each gets alone on the
+    one-step engine, and the calls did run several steps."""
+    engine = Engine(world.model, dataclasses.replace(CONFIG, decode_steps=4), max_adapters=10)
+    server = start_server(service_for(world, engine))
+    try:
+        choices = [*NAMES, None]
+        bodies = [
+            {"tokens": list(PROMPTS[i % 3]), "adapter": choices[i % 4], "max_new_tokens": 12}
+            for i in range(8)
+        ]
+        replies = _many(server.url, bodies, workers=8)
+        for body, (status, reply, _) in zip(bodies, replies, strict=True):
+            expected = reference(body["tokens"], body["adapter"], n=12).tokens
+            assert status == 200 and reply["tokens"] == expected, body
+        counts = engine.metrics()
+        assert counts["decode_steps"] > counts["decode_calls"]
+    finally:
+        server.stop()
 
 
 @pytest.mark.clause("SW-SERVE-5")
@@ -591,6 +615,7 @@ def test_serve_refuses_a_bad_timeout_and_unknown_routing_adapters(world, capsys)
         serve_command.build_service(args)
     assert serve_command.run(args) == 2
     flags = ("--prefill-tokens", "32", "--routing", "gather", "--cache-dtype", "bfloat16")
+    flags += ("--decode-steps", "4")
     service = serve_command.build_service(
         _serve_args(world, "--split", "t=late:0.5,base:0.5", "--rows", "3", *flags)
     )
@@ -603,3 +628,4 @@ def test_serve_refuses_a_bad_timeout_and_unknown_routing_adapters(world, capsys)
         "gather",
         "bfloat16",
     )
+    assert config.decode_steps == 4 and _serve_args(world).decode_steps == 1

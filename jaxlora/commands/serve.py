@@ -4,7 +4,7 @@ One server (`jaxlora.serve.openai.create_app`): the `/v1/*` routes, the native t
 `POST /generate`, `/health` and Prometheus `/metrics`. The engine's sizes
 (`jaxlora.engine.EngineConfig`) are flags: `--rows`, `--max-len`, `--chunks`,
 `--prefill-tokens`, `--slots`, `--rank`, `--targets`, `--cache-dtype`, `--routing`,
-`--max-stop-tokens` and `--max-pending` (its `max_waiting`).
+`--decode-steps`, `--max-stop-tokens` and `--max-pending` (its `max_waiting`).
 
 Safe by default (SW-SEC-*): it listens on 127.0.0.1, accepts only local Host names, refuses
 cross-origin state changes, loads adapters at run time only with --enable-runtime-lora, only
@@ -137,6 +137,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="KV cache dtype (None: the model's)",
     )
     add("--routing", default="auto", choices=ROUTINGS, help="mixed-batch LoRA kernel")
+    add(
+        "--decode-steps",
+        type=_positive,
+        default=1,
+        help="most decode steps per device call (like vLLM's --num-scheduler-steps): more "
+        "saves per-call work, a new request waits up to that many steps, streams come in bursts",
+    )
     add("--slots", type=_positive, default=8, help="device adapter slots (LRU cache)")
     add("--rank", type=_positive, default=None, help="slot rank (None: the largest loaded, or 8)")
     add(
@@ -219,6 +226,7 @@ def build_service(args: argparse.Namespace) -> Any:
         max_waiting=args.max_pending,
         targets=None if args.targets is None else tuple(args.targets.split(",")),
         stop_width=args.max_stop_tokens,
+        decode_steps=args.decode_steps,
     )
     engine = Engine(model, config, max_adapters=args.max_adapters)
     hooks = RoutingHooks(
