@@ -86,6 +86,7 @@ def _engine_server(model, adapters, args) -> tuple[ServerThread, Any]:
         slots=8,
         rank=8,
         max_waiting=4096,
+        decode_steps=args.decode_steps,
     )
     engine = Engine(model, config)
     service = OpenAIService(engine, model_name="bench", adapter_root=".", timeout_s=3600)
@@ -158,6 +159,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         type=lambda t: tuple(int(v) for v in t.split(",")),
         default=KINDS,
         help="max_new_tokens of the requests, in turn (the smallest: the latency kind)",
+    )
+    parser.add_argument(
+        "--decode-steps",
+        type=int,
+        default=1,
+        help="the engine's decode steps per device call (`jaxlora serve --decode-steps`)",
     )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
