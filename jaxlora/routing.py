@@ -91,7 +91,7 @@ def _onehot(x: Array, stacked: LoraWeights, ids: Array, dtype) -> Array:
     # Shrink against every slot as ONE matmul with `a` laid out `[in, S * R]` (slot-major
     # columns). The transpose is fused into the copy `_finite_slots` writes anyway, and inside
     # a multi-step decode loop XLA hoists both out of the loop (the bank is loop-invariant):
-    # 440 vs 510 ms for 31 steps of 32 rows x 8 slots against the slot-batched form it
+    # 472 vs 512 ms for 31 steps of 32 rows x 8 slots against the slot-batched form it
     # replaced (BENCHMARKS.md, Engine).
     flat_a = jnp.transpose(stacked.a.astype(dtype), (1, 0, 2)).reshape(d_in, slots * rank)
     h = x.astype(dtype) @ flat_a  # [B, ..., S * R]
